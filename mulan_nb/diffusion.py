@@ -5,13 +5,13 @@
 # %% auto #0
 __all__ = ['check_levels', 'level_values', 'levels_to_data', 'alpha_sigma', 'diffuse']
 
-# %% ../nbs/00_diffusion.ipynb #8360a1cf
+# %% ../nbs/00_diffusion.ipynb #41e3e6b6
 import math
 import torch
 from torch import Tensor
 import torch.nn.functional as F
 
-# %% ../nbs/00_diffusion.ipynb #4e668eac
+# %% ../nbs/00_diffusion.ipynb #c4e3545a
 def check_levels(x: Tensor, # integer images, shape (B, *data_shape)
                  K: int, # number of levels
                  data_shape: tuple|None=None, # expected shape of one image, if known
@@ -27,7 +27,7 @@ def check_levels(x: Tensor, # integer images, shape (B, *data_shape)
     lo, hi = int(x.min()), int(x.max())
     if lo < 0 or hi >= K: raise ValueError(f"image levels must lie in [0, {K}), got values in [{lo}, {hi}]")
 
-# %% ../nbs/00_diffusion.ipynb #03f64b14
+# %% ../nbs/00_diffusion.ipynb #03b2f484
 def level_values(K: int, # number of levels
                  device=None, dtype=torch.float32) -> Tensor:
     "The K values in [-1, 1] that the levels map to, shape (K,)."
@@ -39,7 +39,7 @@ def levels_to_data(x: Tensor, # integer images
     "Map integer levels to the centres of K equal bins of [-1, 1]: `f = 2(x + 1/2)/K - 1`."
     return 2 * (x.float() + 0.5) / K - 1
 
-# %% ../nbs/00_diffusion.ipynb #33416cb5
+# %% ../nbs/00_diffusion.ipynb #3d9d8113
 def alpha_sigma(gamma: Tensor, # negative log-SNR, any shape
                ) -> tuple[Tensor, Tensor]:
     "Signal and noise scales of the variance-preserving process: `α = sqrt(sigmoid(-γ))`, `σ = sqrt(sigmoid(γ))`."
