@@ -6,14 +6,14 @@
 __all__ = ['sum_dims', 'stratified_times', 'discretize_times', 'diffusion_weight', 'diffusion_loss', 'v_target', 'eps_from_v',
            'decoder_logprobs', 'recon_loss', 'prior_kl', 'nats_to_bpd']
 
-# %% ../nbs/01_bound.ipynb #94a3f2ce
+# %% ../nbs/01_bound.ipynb #9dd16197
 import math
 import torch
 from torch import Tensor
 import torch.nn.functional as F
 from .diffusion import alpha_sigma, level_values
 
-# %% ../nbs/01_bound.ipynb #564b27b8
+# %% ../nbs/01_bound.ipynb #fc2c7b26
 def sum_dims(x: Tensor) -> Tensor:
     "Sum over every dimension but the first (batch): shape (B, ...) -> (B,)."
     return x.reshape(x.shape[0], -1).sum(1)
@@ -31,7 +31,7 @@ def discretize_times(t: Tensor, # times in [0, 1)
     t = (torch.floor(t * T) + 1) / T
     return t, t - 1 / T
 
-# %% ../nbs/01_bound.ipynb #2de40124
+# %% ../nbs/01_bound.ipynb #f139edaf
 def diffusion_weight(gamma_t: Tensor, # γ(t), broadcastable to the data
                      dgamma_t: Tensor|None=None, # γ'(t), for continuous time
                      gamma_s: Tensor|None=None, # γ(s) at s = t - 1/T, for T steps
@@ -48,7 +48,7 @@ def diffusion_loss(eps: Tensor, # the noise used to make z_t, shape (B, *data_sh
     "Diffusion loss in nats per example, shape (B,): `½ Σ_i w_i (ε_i - ε̂_i)²`."
     return 0.5 * sum_dims(weight * (eps - eps_hat) ** 2)
 
-# %% ../nbs/01_bound.ipynb #4f989277
+# %% ../nbs/01_bound.ipynb #62915964
 def v_target(f: Tensor, eps: Tensor, gamma: Tensor) -> Tensor:
     "The v-prediction target `v = α ε - σ f`."
     alpha, sigma = alpha_sigma(gamma)
@@ -62,7 +62,7 @@ def eps_from_v(v_hat: Tensor, # predicted v
     alpha, sigma = alpha_sigma(gamma)
     return alpha * v_hat + sigma * z
 
-# %% ../nbs/01_bound.ipynb #6255823e
+# %% ../nbs/01_bound.ipynb #4c81aa67
 def decoder_logprobs(z0: Tensor, # z_0 = α_0 f + σ_0 ε, shape (B, *data_shape)
                      gamma0: Tensor, # γ(0), broadcastable to z0
                      K: int, # number of levels
@@ -83,7 +83,7 @@ def recon_loss(x: Tensor, # integer images, shape (B, *data_shape)
     logp = decoder_logprobs(z0, gamma0, K).gather(-1, x.long().unsqueeze(-1)).squeeze(-1)
     return -sum_dims(logp)
 
-# %% ../nbs/01_bound.ipynb #075c9766
+# %% ../nbs/01_bound.ipynb #bf0f4d1d
 def prior_kl(f: Tensor, # clean data in [-1, 1], shape (B, *data_shape)
              gamma1: Tensor, # γ(1), broadcastable to f
             ) -> Tensor:
@@ -92,7 +92,7 @@ def prior_kl(f: Tensor, # clean data in [-1, 1], shape (B, *data_shape)
     kl = 0.5 * (torch.sigmoid(-gamma1) * f ** 2 + var1 - F.logsigmoid(gamma1) - 1)
     return sum_dims(kl.expand_as(f))
 
-# %% ../nbs/01_bound.ipynb #e778df8c
+# %% ../nbs/01_bound.ipynb #5c7d6adf
 def nats_to_bpd(nats: Tensor, # a loss in nats per example
                 D: int, # number of data dimensions
                ) -> Tensor:

@@ -5,14 +5,14 @@
 # %% auto #0
 __all__ = ['group_norm', 'sinusoidal_embedding', 'FourierFeatures', 'ResBlock', 'AttnBlock', 'ScoreUNet']
 
-# %% ../nbs/03_denoiser.ipynb #6954063c
+# %% ../nbs/03_denoiser.ipynb #49f6c94a
 import math
 import torch
 from torch import nn, Tensor
 import torch.nn.functional as F
 from .schedules import GAMMA_MIN, GAMMA_MAX
 
-# %% ../nbs/03_denoiser.ipynb #8cf639f5
+# %% ../nbs/03_denoiser.ipynb #06559111
 def group_norm(channels:int) -> nn.GroupNorm:
     "GroupNorm with up to 32 groups that divide `channels`."
     return nn.GroupNorm(math.gcd(32, channels), channels)
@@ -35,7 +35,7 @@ class FourierFeatures(nn.Module):
         h = (z[:, :, None] * self.freqs[:, None, None].to(z.dtype)).flatten(1, 2)
         return torch.cat([h.sin(), h.cos()], dim=1)
 
-# %% ../nbs/03_denoiser.ipynb #08900dcb
+# %% ../nbs/03_denoiser.ipynb #d30f8e2c
 class ResBlock(nn.Module):
     "GN → swish → conv → + Dense(cond) → GN → swish → dropout → conv (zero-init) → + residual (1×1 conv if channels change)."
     def __init__(self, c_in:int, c_out:int, cond_dim:int=0, dropout:float=0.):
@@ -64,7 +64,7 @@ class AttnBlock(nn.Module):
         h = F.scaled_dot_product_attention(q[:, None], k[:, None], v[:, None])[:, 0]
         return x + self.proj(h.transpose(-1, -2).reshape(B, C, H, W))
 
-# %% ../nbs/03_denoiser.ipynb #6bcf2bf9
+# %% ../nbs/03_denoiser.ipynb #10e84473
 class ScoreUNet(nn.Module):
     "VDM's ScoreUNet without downsampling, conditioned on the embedded mean γ and the latent c; output `z + NN(z)`."
     def __init__(self, data_shape:tuple, # shape of one image (C_img, H, W)
@@ -96,6 +96,8 @@ class ScoreUNet(nn.Module):
 
     def conditioning(self, gamma:Tensor, c:Tensor|None) -> Tensor:
         "Conditioning vector (B, 4C) from γ (B, *data_shape or broadcastable) and c (B, latent_dim)."
+        if self.latent_dim and (c is None or c.shape != (gamma.shape[0], self.latent_dim)):
+            raise ValueError(f"latent c must have shape (B, {self.latent_dim}), got {None if c is None else tuple(c.shape)}")
         g = gamma.reshape(gamma.shape[0], -1).mean(1)
         temb = sinusoidal_embedding(1000 * (g - self.gamma_min) / (self.gamma_max - self.gamma_min), self.channels)
         if self.latent_dim: temb = torch.cat([temb, c.to(temb.dtype)], dim=1)
