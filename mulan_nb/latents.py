@@ -5,14 +5,14 @@
 # %% auto #0
 __all__ = ['LatentEncoder', 'NoLatent', 'GaussianLatent', 'sum_of_gamma_noise', 'TopKLatent', 'make_latent']
 
-# %% ../nbs/04_latents.ipynb #97b16f05
+# %% ../nbs/04_latents.ipynb #35474476
 import math
 import torch
 from torch import nn, Tensor
 import torch.nn.functional as F
 from .denoiser import ResBlock, AttnBlock, FourierFeatures, group_norm
 
-# %% ../nbs/04_latents.ipynb #354b6098
+# %% ../nbs/04_latents.ipynb #88bf9cea
 class LatentEncoder(nn.Module):
     "Image (B, *data_shape) in [-1, 1] -> latent parameters (B, n_out)."
     def __init__(self, data_shape:tuple, # shape of one image (C_img, H, W)
@@ -36,7 +36,7 @@ class LatentEncoder(nn.Module):
         h = self.conv_out(F.silu(self.norm_out(self.blocks(h))))
         return self.head(F.silu(h.flatten(1)))
 
-# %% ../nbs/04_latents.ipynb #c35362c7
+# %% ../nbs/04_latents.ipynb #eb1bfd3d
 class NoLatent(nn.Module):
     "No auxiliary latent (VDM): `c` is None and the KL term is zero."
     dim, n_params, kl_is_bound = 0, 0, True
@@ -61,7 +61,7 @@ class GaussianLatent(nn.Module):
         return 0.5 * (mu**2 + logvar.exp() - logvar - 1).sum(1)
     def prior_sample(self, n, device=None): return torch.randn(n, self.dim, device=device)
 
-# %% ../nbs/04_latents.ipynb #ad049f68
+# %% ../nbs/04_latents.ipynb #ccac3bd2
 def sum_of_gamma_noise(shape:tuple, k:int, tau:float=10., n_terms:int=10, device=None) -> Tensor:
     "I-MLE's sum-of-gamma noise as in the official MuLAN code: `(τ/k)(Σ_{i=1}^{s} G_i·i/k - log s)`, `G_i ~ Gamma(1/k, 1)`."
     G = torch._standard_gamma(torch.full((n_terms, *shape), 1.0 / k, device=device))
@@ -103,7 +103,7 @@ class TopKLatent(nn.Module):
         "Uniform k-hot vectors: the top-k of iid normal scores."
         return self.hard_topk(torch.randn(n, self.dim, device=device))
 
-# %% ../nbs/04_latents.ipynb #eaafb7d8
+# %% ../nbs/04_latents.ipynb #d0433b68
 def make_latent(kind:str, # 'topk', 'gaussian' or 'none'
                 m:int=50, # size of c
                 k:int=15, # ones in c (top-k only)

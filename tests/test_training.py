@@ -1,0 +1,101 @@
+"""Integration tests of `mulan_train`: bad input, SIGKILL and resume, distributed data parallel.
+
+Bad input tried here (each must exit with code 2 and one line on stderr):
+unknown preset; zero steps; negative learning rate; batch larger than the data set; batch not divisible by
+processes × accum; missing .npy file; missing torchvision root; unknown data set; unwritable output folder;
+unknown model field in --set; model field out of range in --set; --resume without a checkpoint; resume with
+a checkpoint of another preset; an unknown precision; a non-integer step count.
+"""
+import contextlib, io, os, random, signal, subprocess, sys, time
+from pathlib import Path
+import pytest, torch
+from mulan_nb.training import main, load_checkpoint
+
+TINY = ['--set', 'channels=8', 'n_blocks=1', 'encoder_channels=8', 'encoder_blocks=1',
+        '--batch-size', '16', '--eval-every', '0', '--final-n-t', '1', '--samples', '0', '--no-progress', '--lr', '2e-3']
+
+
+def run_main(args):
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        try: code = main(args)
+        except SystemExit as e: code = e.code
+    return code, err.getvalue()
+
+
+@pytest.mark.parametrize('args, words', [
+    (['--preset', 'nope'], 'unknown preset'),
+    (['--steps', '0'], 'steps'),
+    (['--lr', '-1'], 'learning rate'),
+    (['--batch-size', '5000'], 'larger than the training set'),
+    (['--batch-size', '15', '--accum', '2'], 'divisible'),
+    (['--data', '/nonexistent/x.npy'], 'not found'),
+    (['--data', 'mnist', '--root', '/nonexistent'], 'not found under /nonexistent'),
+    (['--data', 'imagenet'], 'unknown data set'),
+    (['--set', 'bogus=1'], '--set takes KEY=VALUE'),
+    (['--set', 'channels=0'], 'channels'),
+    (['--resume'], 'checkpoint not found'),
+    (['--precision', 'fp16'], 'invalid choice'),
+    (['--steps', 'ten'], 'invalid int'),
+])
+def test_bad_input_exits_2_with_one_line(tmp_path, args, words):
+    code, err = run_main(['--out', str(tmp_path / 'run'), *args])
+    assert code == 2, err
+    assert err.count('\n') == 1 and words in err, err
+
+
+def test_unwritable_output_folder(tmp_path):
+    blocker = tmp_path / 'file'; blocker.write_text('')
+    code, err = run_main(['--out', str(blocker / 'run'), '--steps', '1', *TINY])
+    assert code == 2 and err.count('\n') == 1 and 'not writable' in err, err
+
+
+def test_resume_from_another_preset_is_refused(tmp_path):
+    assert run_main(['--out', str(tmp_path), '--steps', '2', *TINY])[0] == 0
+    code, err = run_main(['--out', str(tmp_path), '--steps', '4', '--resume', '--preset', 'digits-vdm', *TINY])
+    assert code == 2 and 'another model' in err, err
+
+
+def cli(*args):
+    return [sys.executable, '-c', 'import sys; from mulan_nb.training import main; sys.exit(main())', *args]
+
+
+def params(path):
+    return load_checkpoint(path)['model']
+
+
+def max_diff(a, b):
+    return max((a[k].float() - b[k].float()).abs().max().item() for k in a)
+
+
+def test_sigkill_and_resume_reach_the_same_parameters(tmp_path):
+    "Three runs killed with SIGKILL at random moments and resumed end where an uninterrupted run ends."
+    steps = ['--steps', '60', '--ckpt-every', '5']
+    subprocess.run(cli('--out', str(tmp_path / 'ref'), *steps, *TINY), check=True, capture_output=True)
+    ref = params(tmp_path / 'ref' / 'checkpoint.pt')
+    rng = random.Random(0)
+    for i in range(3):
+        out = tmp_path / f'killed{i}'
+        proc = subprocess.Popen(cli('--out', str(out), *steps, *TINY), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.time() + 120
+        while not (out / 'checkpoint.pt').exists() and time.time() < deadline and proc.poll() is None: time.sleep(0.05)
+        time.sleep(rng.uniform(0, 1.5))
+        proc.send_signal(signal.SIGKILL); proc.wait()
+        killed_at = load_checkpoint(out / 'checkpoint.pt')['step']
+        subprocess.run(cli('--out', str(out), *steps, *TINY, '--resume'), check=True, capture_output=True)
+        diff = max_diff(ref, params(out / 'checkpoint.pt'))
+        print(f'kill {i}: last checkpoint at step {killed_at}, max |Δθ| after resuming to 60: {diff:.2e}')
+        assert diff <= 1e-6
+
+
+def test_two_processes_match_one_with_the_same_global_batch(tmp_path):
+    "torchrun with 2 CPU processes (gloo) against one process with accum=2: same parameters after 5 steps."
+    steps = ['--steps', '5', '--ckpt-every', '5']
+    subprocess.run(cli('--out', str(tmp_path / 'single'), '--accum', '2', *steps, *TINY), check=True, capture_output=True)
+    env = {**os.environ, 'OMP_NUM_THREADS': '1'}
+    run = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2', '--no-python',
+                          *cli('--out', str(tmp_path / 'ddp'), *steps, *TINY)], env=env, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-2000:]
+    diff = max_diff(params(tmp_path / 'single' / 'checkpoint.pt'), params(tmp_path / 'ddp' / 'checkpoint.pt'))
+    print(f'2 processes vs 1 process with accum=2: max |Δθ| = {diff:.2e}')
+    assert diff <= 1e-5
