@@ -5,7 +5,7 @@
 # %% auto #0
 __all__ = ['SCHEDULES', 'PRESETS', 'MuLANConfig', 'MuLAN', 'parameter_counts', 'demo']
 
-# %% ../nbs/05_model.ipynb #31325bfd
+# %% ../nbs/05_model.ipynb #a1e95fd5
 import math, dataclasses
 from dataclasses import dataclass, field, asdict
 import torch
@@ -18,7 +18,7 @@ from .schedules import (GAMMA_MIN, GAMMA_MAX, LinearSchedule, ScalarSchedule, Mo
 from .latents import LatentEncoder, make_latent
 from .denoiser import ScoreUNet
 
-# %% ../nbs/05_model.ipynb #b865b520
+# %% ../nbs/05_model.ipynb #d458e649
 SCHEDULES = {'linear': LinearSchedule, 'scalar': ScalarSchedule, 'monotone': MonotoneNNSchedule,
              'polynomial': PolynomialSchedule, 'sigmoid': SigmoidSchedule}
 
@@ -67,7 +67,7 @@ class MuLANConfig:
     @property
     def latent_dim(self) -> int: return 0 if self.latent == 'none' else self.latent_m
 
-# %% ../nbs/05_model.ipynb #c9a791a8
+# %% ../nbs/05_model.ipynb #4269b1b0
 _DIGITS = dict(data_shape=(1, 8, 8), K=17, channels=48, n_blocks=4, dropout=0.1, encoder_channels=16, encoder_blocks=2)
 _MNIST = dict(data_shape=(1, 28, 28), K=256, channels=64, n_blocks=8, dropout=0.1, encoder_channels=32, encoder_blocks=4)
 _CIFAR = dict(data_shape=(3, 32, 32), K=256, channels=128, n_blocks=32, dropout=0.1, encoder_channels=128, encoder_blocks=4)
@@ -84,7 +84,7 @@ PRESETS = {
     'cifar10-mulan': {**_CIFAR, **_MULAN, 'latent_m': 50, 'latent_k': 15},
 }
 
-# %% ../nbs/05_model.ipynb #ecab9ea4
+# %% ../nbs/05_model.ipynb #1557b007
 class MuLAN(nn.Module):
     "Diffusion model with a learned (multivariate, adaptive) schedule; VDM when `latent='none'` and the schedule is linear or scalar."
     def __init__(self, config:MuLANConfig|None=None, # the model's configuration
@@ -121,9 +121,8 @@ class MuLAN(nn.Module):
     def gamma(self, t:Tensor, # times, shape (B,)
               c:Tensor|None=None, # latent, shape (B, m)
              ) -> tuple[Tensor, Tensor]:
-        "γ(c, t) and γ'(c, t), broadcastable to (B, *data_shape); computed outside autocast (full precision under bf16)."
-        with torch.autocast(t.device.type, enabled=False):
-            return self.schedule(t, c if self.config.conditioned else None)
+        "γ(c, t) and γ'(c, t), broadcastable to (B, *data_shape); in full precision also under autocast."
+        return self.schedule(t, c if self.config.conditioned else None)
 
     def predict_eps(self, z:Tensor, gamma:Tensor, c:Tensor|None=None) -> Tensor:
         "The denoiser's noise prediction ε̂(z_t; γ_t, c), converting from v̂ when the model predicts v."
@@ -164,14 +163,14 @@ class MuLAN(nn.Module):
         out['bpd'] = sum(out.values())
         return out
 
-# %% ../nbs/05_model.ipynb #67f42b7e
+# %% ../nbs/05_model.ipynb #0e543aab
 def parameter_counts(model:MuLAN) -> dict:
     "Number of parameters of each part of a model and in total."
     parts = {'denoiser': model.denoiser, 'schedule': model.schedule, 'encoder': model.encoder}
     counts = {k: sum(p.numel() for p in m.parameters()) if m is not None else 0 for k, m in parts.items()}
     return {**counts, 'total': sum(counts.values())}
 
-# %% ../nbs/05_model.ipynb #3fed45af
+# %% ../nbs/05_model.ipynb #8e62b337
 def demo(preset:str='digits-mulan', # model to build
          n:int=256, # images to evaluate
          seed:int=0,

@@ -6,7 +6,7 @@
 __all__ = ['GAMMA_MIN', 'GAMMA_MAX', 'Schedule', 'LinearSchedule', 'ScalarSchedule', 'LatentToCoefficients', 'PolynomialSchedule',
            'SigmoidSchedule', 'MonotoneNNSchedule']
 
-# %% ../nbs/02_schedules.ipynb #37bd20df
+# %% ../nbs/02_schedules.ipynb #ef946002
 import math
 import torch
 from torch import nn, Tensor
@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 GAMMA_MIN, GAMMA_MAX = -13.3, 5.0
 
-# %% ../nbs/02_schedules.ipynb #cfbf5bfd
+# %% ../nbs/02_schedules.ipynb #c4dbe662
 class Schedule(nn.Module):
     "Base of all schedules: `schedule(t, c=None) -> (γ, dγ/dt)`, each broadcastable to (B, *data_shape)."
     fixed_ends = True   # γ(c, 0) = gamma_min and γ(c, 1) = gamma_max for every c
@@ -45,12 +45,13 @@ class Schedule(nn.Module):
         elif c.shape != (len(t), self.latent_dim):
             raise ValueError(f"latent c must have shape (B, {self.latent_dim}) = ({len(t)}, {self.latent_dim}), got {tuple(c.shape)}")
         else: c = c.to(t.dtype)
-        gamma, dgamma = self.gamma_and_slope(t, c)
+        with torch.autocast(t.device.type, enabled=False):   # always full precision: bf16 would break the fixed ends
+            gamma, dgamma = self.gamma_and_slope(t, c)
         if gamma.shape[1] > 1 and not self.multivariate: gamma, dgamma = gamma.mean(1, keepdim=True), dgamma.mean(1, keepdim=True)
         shape = (len(t), *self.data_shape) if gamma.shape[1] > 1 else (len(t),) + (1,) * len(self.data_shape)
         return gamma.reshape(shape), dgamma.reshape(shape)
 
-# %% ../nbs/02_schedules.ipynb #fb856bcb
+# %% ../nbs/02_schedules.ipynb #69743206
 class LinearSchedule(Schedule):
     "Fixed linear schedule `γ = γ_min + (γ_max - γ_min) t`, the same for every dimension."
     def gamma_and_slope(self, t, c):
@@ -66,7 +67,7 @@ class ScalarSchedule(Schedule):
     def gamma_and_slope(self, t, c):
         return (self.b + self.w.abs() * t)[:, None], self.w.abs().expand_as(t)[:, None].to(t.dtype)
 
-# %% ../nbs/02_schedules.ipynb #0dd4e3c1
+# %% ../nbs/02_schedules.ipynb #2942854d
 class LatentToCoefficients(nn.Module):
     "MLP `c -> swish(Dense) -> swish(Dense) -> heads`: one (B, D) tensor per head."
     def __init__(self, latent_dim:int, # size of c (0: a constant input of zeros)
@@ -84,7 +85,7 @@ class LatentToCoefficients(nn.Module):
         h = self.trunk(c)
         return [head(h) for head in self.heads]
 
-# %% ../nbs/02_schedules.ipynb #c26c0ca1
+# %% ../nbs/02_schedules.ipynb #7227b8d8
 class PolynomialSchedule(Schedule):
     "MuLAN's fixed-end polynomial schedule: `γ = γ_min + Δ F(t)/F(1)`, `F(t) = ∫_0^t (a s² + b s + d)² ds`, (a, b, d) per dimension from c."
     conditioned = True
@@ -106,7 +107,7 @@ class PolynomialSchedule(Schedule):
         t = t[:, None]
         return self.gamma_min + scale * self.integral(a, b, d, t), scale * (a * t**2 + b * t + d)**2
 
-# %% ../nbs/02_schedules.ipynb #b5226c26
+# %% ../nbs/02_schedules.ipynb #4271c33a
 class SigmoidSchedule(Schedule):
     "Fixed-end sigmoid schedule `γ = γ_min + Δ (σ(wt+b) - σ(b)) / (σ(w+b) - σ(b))`, `w = 0.01 + softplus(·)`, `b ∈ [-3, 3]`, per dimension from c."
     conditioned = True
@@ -121,7 +122,7 @@ class SigmoidSchedule(Schedule):
         scale = (self.gamma_max - self.gamma_min) / (s1 - s0)
         return self.gamma_min + scale * (st - s0), scale * w * st * (1 - st)
 
-# %% ../nbs/02_schedules.ipynb #187a61af
+# %% ../nbs/02_schedules.ipynb #acb63706
 class MonotoneNNSchedule(Schedule):
     "VDM's monotone network schedule, optionally per dimension and conditioned on c; ends pinned by normalisation unless `fixed_ends=False`."
     def __init__(self, data_shape, latent_dim=0, gamma_min=GAMMA_MIN, gamma_max=GAMMA_MAX, multivariate=True,

@@ -1,0 +1,151 @@
+"""Reliability: numerical extremes, non-finite losses, damaged checkpoints, and properties over configs.
+
+What is tried here, besides tests/test_model.py and tests/test_training.py:
+- every schedule family at t = 0 and t = 1 and on a grid, with latents of norm up to 100, in float32 and under
+  bf16 autocast: finite γ, γ', bounds and gradients;
+- a training run whose loss turns non-finite: the steps are skipped and counted, no non-finite value reaches
+  the checkpoint; a run whose loss stays non-finite stops with a clear message and exit code 2;
+- a truncated checkpoint, a file that is not a checkpoint, and a checkpoint of another preset, for --resume;
+- hypothesis: random valid model configs give finite per-example bounds of the right shape; random
+  command-line integers are either accepted or refused with exit code 2 and one line.
+"""
+import contextlib, io, math
+from pathlib import Path
+import pytest, torch
+from hypothesis import given, settings, strategies as st, HealthCheck
+from mulan_nb.model import MuLAN, MuLANConfig, SCHEDULES
+from mulan_nb.training import main, load_checkpoint, TrainConfig, train
+
+SHAPE, M = (1, 4, 4), 6
+
+
+def schedules():
+    torch.manual_seed(0)
+    return {'linear': SCHEDULES['linear'](SHAPE), 'scalar': SCHEDULES['scalar'](SHAPE),
+            **{name: SCHEDULES[name](SHAPE, M) for name in ('monotone', 'polynomial', 'sigmoid')},
+            'polynomial-scalar': SCHEDULES['polynomial'](SHAPE, M, multivariate=False)}
+
+
+@pytest.mark.parametrize('name', list(schedules()))
+@pytest.mark.parametrize('autocast', [False, True])
+def test_schedules_stay_finite_for_latents_of_norm_100(name, autocast):
+    s = schedules()[name]
+    c = torch.randn(64, M)
+    c = 100 * c / c.norm(dim=1, keepdim=True)
+    t = torch.cat([torch.zeros(8), torch.ones(8), torch.rand(48)])
+    with torch.autocast('cpu', dtype=torch.bfloat16, enabled=autocast):
+        g, dg = s(t, c)
+        loss = (g.float() ** 2).mean() + dg.float().mean()
+    if loss.requires_grad: loss.backward()
+    assert torch.isfinite(g).all() and torch.isfinite(dg).all() and (dg >= 0).all()
+    assert all(torch.isfinite(p.grad).all() for p in s.parameters() if p.grad is not None)
+    if s.fixed_ends:
+        assert torch.allclose(g[:8].float(), torch.full_like(g[:8].float(), -13.3), atol=1e-3)
+        assert torch.allclose(g[8:16].float(), torch.full_like(g[8:16].float(), 5.0), atol=1e-3)
+
+
+@pytest.mark.parametrize('preset', ['digits-vdm', 'digits-mulan', 'digits-mulan-topk'])
+@pytest.mark.parametrize('autocast', [False, True])
+def test_bound_and_gradients_finite_at_extreme_times_and_latents(preset, autocast):
+    torch.manual_seed(0)
+    model = MuLAN.from_preset(preset, channels=16, n_blocks=1)
+    x = torch.cat([torch.zeros(4, 1, 8, 8), torch.full((4, 1, 8, 8), 16)]).long()
+    t = torch.tensor([0., 1e-7, 0.5, 1 - 1e-7] * 2)
+    with torch.autocast('cpu', dtype=torch.bfloat16, enabled=autocast):
+        out = model.nelbo(x, t)
+    out['bpd'].float().mean().backward()
+    assert all(torch.isfinite(v).all() for v in out.values())
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+    if model.config.latent_dim:   # a latent of norm 100 straight into schedule and denoiser
+        c = 100 * torch.nn.functional.normalize(torch.randn(8, model.config.latent_dim), dim=1)
+        g, dg = model.gamma(t, c)
+        assert torch.isfinite(g).all() and torch.isfinite(dg).all()
+        assert torch.isfinite(model.predict_eps(torch.randn(8, 1, 8, 8), g, c)).all()
+
+
+TINY = dict(channels=8, n_blocks=1, encoder_channels=8, encoder_blocks=1)
+
+
+def run_cli(args):
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        try: code = main(args)
+        except SystemExit as e: code = e.code
+    return code, err.getvalue()
+
+
+def test_non_finite_losses_are_skipped_counted_and_kept_out_of_checkpoints(tmp_path, monkeypatch):
+    calls = {'n': 0}
+    original = MuLAN.forward
+    def sometimes_nan(self, x, t=None):
+        calls['n'] += 1
+        out = original(self, x, t)
+        if calls['n'] in (3, 4, 9): out = {k: v * float('nan') for k, v in out.items()}
+        return out
+    monkeypatch.setattr(MuLAN, 'forward', sometimes_nan)
+    res = train(TrainConfig(model=TINY, steps=12, batch_size=16, out=str(tmp_path), ckpt_every=4, eval_every=0,
+                            final_n_t=1, n_samples=0, lr=2e-3), progress=False)
+    assert res['nonfinite_skipped'] == 3
+    state = load_checkpoint(tmp_path / 'checkpoint.pt')
+    assert state['nonfinite_total'] == 3 and state['step'] == 12
+    for part in ('model', 'ema'):
+        assert all(torch.isfinite(v).all() for v in state[part].values() if v.is_floating_point())
+
+
+def test_a_loss_that_stays_non_finite_stops_the_run(tmp_path, monkeypatch):
+    monkeypatch.setattr(MuLAN, 'forward', lambda self, x, t=None: {k: torch.full((len(x),), float('nan'), requires_grad=True)
+                                                                  for k in ('bpd', 'diffusion', 'recon', 'prior', 'latent')})
+    code, err = run_cli(['--out', str(tmp_path), '--steps', '20', '--max-nonfinite', '3', '--no-progress', '--batch-size', '16',
+                         '--set', 'channels=8', 'n_blocks=1'])
+    assert code == 2 and err.count('\n') == 1 and '3 non-finite losses in a row' in err, err
+
+
+@pytest.mark.parametrize('damage, words', [
+    (lambda p: p.write_bytes(p.read_bytes()[: len(p.read_bytes()) // 2]), 'unreadable'),
+    (lambda p: p.write_bytes(b'not a checkpoint at all'), 'unreadable'),
+    (lambda p: torch.save({'weights': torch.ones(3)}, p), 'not a mulan_nb checkpoint'),
+])
+def test_damaged_checkpoints_are_refused_clearly(tmp_path, damage, words):
+    args = ['--out', str(tmp_path), '--no-progress', '--batch-size', '16', '--eval-every', '0', '--final-n-t', '1',
+            '--samples', '0', '--set', 'channels=8', 'n_blocks=1', 'encoder_channels=8', 'encoder_blocks=1']
+    assert run_cli([*args, '--steps', '2'])[0] == 0
+    damage(tmp_path / 'checkpoint.pt')
+    code, err = run_cli([*args, '--steps', '4', '--resume'])
+    assert code == 2 and err.count('\n') == 1 and words in err, err
+
+
+def test_checkpoints_load_without_running_code(tmp_path):
+    "A pickle that would run code on load is refused by weights_only loading."
+    class Evil:
+        def __reduce__(self): return (exec, ("open('%s', 'w').write('pwned')" % (tmp_path / 'pwned'),))
+    torch.save({'format': 'mulan_nb-checkpoint-1', 'evil': Evil()}, tmp_path / 'evil.pt')
+    with pytest.raises(ValueError, match='unreadable'):
+        load_checkpoint(tmp_path / 'evil.pt')
+    assert not (tmp_path / 'pwned').exists()
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(schedule=st.sampled_from(sorted(SCHEDULES)), latent=st.sampled_from(['topk', 'gaussian', 'none']),
+       multivariate=st.booleans(), conditioned=st.booleans(), prediction=st.sampled_from(['eps', 'v']),
+       T=st.sampled_from([0, 1, 10]), K=st.integers(2, 256), hw=st.integers(2, 6), channels=st.integers(1, 3), seed=st.integers(0, 10))
+def test_random_valid_configs_give_finite_bounds(schedule, latent, multivariate, conditioned, prediction, T, K, hw, channels, seed):
+    torch.manual_seed(seed)
+    cfg = MuLANConfig(data_shape=(channels, hw, hw), K=K, schedule=schedule, latent=latent, latent_m=5, latent_k=2,
+                      multivariate=multivariate, conditioned=conditioned, prediction=prediction, T=T,
+                      channels=8, n_blocks=1, encoder_channels=8, encoder_blocks=1, schedule_width=16)
+    x = torch.randint(0, K, (3, channels, hw, hw))
+    out = MuLAN(cfg).nelbo(x)
+    assert all(v.shape == (3,) and torch.isfinite(v).all() for v in out.values())
+    assert (out['recon'] >= 0).all() and (out['prior'] >= 0).all() and (out['latent'] >= -1e-6).all()
+
+
+@settings(max_examples=15, deadline=None)
+@given(steps=st.integers(-3, 2), batch=st.integers(-2, 3000), accum=st.integers(-1, 3))
+def test_random_command_line_integers_are_accepted_or_refused_in_one_line(tmp_path_factory, steps, batch, accum):
+    out = tmp_path_factory.mktemp('run')
+    code, err = run_cli(['--out', str(out), '--steps', str(steps), '--batch-size', str(batch), '--accum', str(accum),
+                         '--no-progress', '--eval-every', '0', '--final-n-t', '1', '--samples', '0',
+                         '--set', 'channels=4', 'n_blocks=0', 'encoder_channels=4', 'encoder_blocks=0'])
+    ok = steps >= 1 and 1 <= batch <= 1498 and accum >= 1 and batch % accum == 0
+    assert code == (0 if ok else 2), (code, err)
+    if not ok: assert err.count('\n') == 1 and err.startswith('mulan_train: error:'), err
