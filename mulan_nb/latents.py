@@ -5,14 +5,14 @@
 # %% auto #0
 __all__ = ['LatentEncoder', 'NoLatent', 'GaussianLatent', 'sum_of_gamma_noise', 'TopKLatent', 'make_latent']
 
-# %% ../nbs/04_latents.ipynb #35474476
+# %% ../nbs/04_latents.ipynb #f2e7db5e
 import math
 import torch
 from torch import nn, Tensor
 import torch.nn.functional as F
 from .denoiser import ResBlock, AttnBlock, FourierFeatures, group_norm
 
-# %% ../nbs/04_latents.ipynb #88bf9cea
+# %% ../nbs/04_latents.ipynb #a34385ad
 class LatentEncoder(nn.Module):
     "Image (B, *data_shape) in [-1, 1] -> latent parameters (B, n_out)."
     def __init__(self, data_shape:tuple, # shape of one image (C_img, H, W)
@@ -36,13 +36,13 @@ class LatentEncoder(nn.Module):
         h = self.conv_out(F.silu(self.norm_out(self.blocks(h))))
         return self.head(F.silu(h.flatten(1)))
 
-# %% ../nbs/04_latents.ipynb #eb1bfd3d
+# %% ../nbs/04_latents.ipynb #08902a6b
 class NoLatent(nn.Module):
     "No auxiliary latent (VDM): `c` is None and the KL term is zero."
     dim, n_params, kl_is_bound = 0, 0, True
     def sample(self, params): return None
     def kl(self, params): return params.new_zeros(params.shape[0])
-    def prior_sample(self, n, device=None): return None
+    def prior_sample(self, n, device=None, generator=None): return None
 
 class GaussianLatent(nn.Module):
     "Gaussian latent: `q(c|x) = N(μ, diag σ²)` from the encoder, prior `N(0, I)`, analytic KL."
@@ -59,9 +59,9 @@ class GaussianLatent(nn.Module):
         "`KL(N(μ, σ²) ‖ N(0, I))` in nats, shape (B,): `½ Σ (μ² + σ² - log σ² - 1)`."
         mu, logvar = params.chunk(2, dim=1)
         return 0.5 * (mu**2 + logvar.exp() - logvar - 1).sum(1)
-    def prior_sample(self, n, device=None): return torch.randn(n, self.dim, device=device)
+    def prior_sample(self, n, device=None, generator=None): return torch.randn(n, self.dim, device=device, generator=generator)
 
-# %% ../nbs/04_latents.ipynb #ccac3bd2
+# %% ../nbs/04_latents.ipynb #41d7fe63
 def sum_of_gamma_noise(shape:tuple, k:int, tau:float=10., n_terms:int=10, device=None) -> Tensor:
     "I-MLE's sum-of-gamma noise as in the official MuLAN code: `(τ/k)(Σ_{i=1}^{s} G_i·i/k - log s)`, `G_i ~ Gamma(1/k, 1)`."
     G = torch._standard_gamma(torch.full((n_terms, *shape), 1.0 / k, device=device))
@@ -99,11 +99,11 @@ class TopKLatent(nn.Module):
         logp = torch.log_softmax(logits, dim=1)
         return (logp.exp() * (logp + math.log(self.dim))).sum(1)
 
-    def prior_sample(self, n, device=None):
+    def prior_sample(self, n, device=None, generator=None):
         "Uniform k-hot vectors: the top-k of iid normal scores."
-        return self.hard_topk(torch.randn(n, self.dim, device=device))
+        return self.hard_topk(torch.randn(n, self.dim, device=device, generator=generator))
 
-# %% ../nbs/04_latents.ipynb #d0433b68
+# %% ../nbs/04_latents.ipynb #a650424d
 def make_latent(kind:str, # 'topk', 'gaussian' or 'none'
                 m:int=50, # size of c
                 k:int=15, # ones in c (top-k only)
