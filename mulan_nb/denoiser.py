@@ -5,14 +5,14 @@
 # %% auto #0
 __all__ = ['group_norm', 'sinusoidal_embedding', 'FourierFeatures', 'ResBlock', 'AttnBlock', 'ScoreUNet']
 
-# %% ../nbs/03_denoiser.ipynb #e3949353
+# %% ../nbs/03_denoiser.ipynb #2307ca45
 import math
 import torch
 from torch import nn, Tensor
 import torch.nn.functional as F
 from .schedules import GAMMA_MIN, GAMMA_MAX
 
-# %% ../nbs/03_denoiser.ipynb #0425e291
+# %% ../nbs/03_denoiser.ipynb #baaa2384
 def group_norm(channels:int) -> nn.GroupNorm:
     "GroupNorm with up to 32 groups that divide `channels`."
     return nn.GroupNorm(math.gcd(32, channels), channels)
@@ -35,7 +35,7 @@ class FourierFeatures(nn.Module):
         h = (z[:, :, None] * self.freqs[:, None, None].to(z.dtype)).flatten(1, 2)
         return torch.cat([h.sin(), h.cos()], dim=1)
 
-# %% ../nbs/03_denoiser.ipynb #aecf2b98
+# %% ../nbs/03_denoiser.ipynb #a716b019
 class ResBlock(nn.Module):
     "GN → swish → conv → + Dense(cond) → GN → swish → dropout → conv (zero-init) → + residual (1×1 conv if channels change)."
     def __init__(self, c_in:int, c_out:int, cond_dim:int=0, dropout:float=0.):
@@ -64,7 +64,7 @@ class AttnBlock(nn.Module):
         h = F.scaled_dot_product_attention(q[:, None], k[:, None], v[:, None])[:, 0]
         return x + self.proj(h.transpose(-1, -2).reshape(B, C, H, W))
 
-# %% ../nbs/03_denoiser.ipynb #a1d56602
+# %% ../nbs/03_denoiser.ipynb #381f2f28
 class ScoreUNet(nn.Module):
     "VDM's ScoreUNet without downsampling, conditioned on the embedded mean γ and the latent c; output `z + NN(z)`."
     def __init__(self, data_shape:tuple, # shape of one image (C_img, H, W)

@@ -7,7 +7,7 @@ __all__ = ['CHECKPOINT_FORMAT', 'TrainConfig', 'lr_at', 'ema_decay', 'ema_update
            'load_checkpoint', 'model_from_checkpoint', 'init_distributed', 'all_reduce_sum', 'evaluate_bpd',
            'plot_learning_curves', 'plot_samples', 'plot_schedules', 'train', 'OneLineParser', 'train_parser', 'main']
 
-# %% ../nbs/09_training.ipynb #b6b33553
+# %% ../nbs/09_training.ipynb #134aa6fc
 import argparse, copy, json, math, os, sys, time
 from dataclasses import dataclass, field, asdict, fields
 from pathlib import Path
@@ -19,7 +19,7 @@ from .data import load_data, batch_indices, ImageData
 from .bound import stratified_times
 from .sampling import sample
 
-# %% ../nbs/09_training.ipynb #e80e861f
+# %% ../nbs/09_training.ipynb #1700e78e
 @dataclass
 class TrainConfig:
     "Everything a training run needs besides the model; stored in every checkpoint."
@@ -75,7 +75,7 @@ class TrainConfig:
         extra = dict(data_shape=data.data_shape, K=data.K) if data is not None else {}
         return MuLANConfig(**{**PRESETS[self.preset], **self.model, **extra})
 
-# %% ../nbs/09_training.ipynb #c7bebafe
+# %% ../nbs/09_training.ipynb #9bf1c0c4
 def lr_at(step:int, lr:float, warmup:int) -> float:
     "Learning rate at `step` (from 0): linear warm-up over `warmup` steps, then constant."
     return lr * min(1.0, (step + 1) / warmup) if warmup else lr
@@ -94,7 +94,7 @@ def shard_seed(seed:int, step:int, shard:int) -> int:
     "Seed of the random numbers of one shard of one step: a pure function of (seed, step, shard)."
     return (seed * 1_000_003 + step) * 1_009 + shard
 
-# %% ../nbs/09_training.ipynb #47c7bc95
+# %% ../nbs/09_training.ipynb #f9589862
 CHECKPOINT_FORMAT = 'mulan_nb-checkpoint-1'
 
 def save_checkpoint(path:str|Path, state:dict) -> None:
@@ -124,7 +124,7 @@ def model_from_checkpoint(path:str|Path, ema:bool=True, map_location='cpu') -> t
     except RuntimeError as e: raise ValueError(f"{path}: weights do not fit the stored config: {str(e)[:300]}") from None
     return model.to(map_location), state
 
-# %% ../nbs/09_training.ipynb #9e8f6ef1
+# %% ../nbs/09_training.ipynb #78e6f886
 def init_distributed(device:str) -> tuple[int, int, torch.device]:
     "Rank, world size and device; joins the process group when started by torchrun (gloo on CPU, NCCL on CUDA)."
     world, rank, local = int(os.environ.get('WORLD_SIZE', 1)), int(os.environ.get('RANK', 0)), int(os.environ.get('LOCAL_RANK', 0))
@@ -144,7 +144,7 @@ def all_reduce_sum(tensors:list[Tensor], world:int) -> None:
     dist.all_reduce(flat)
     for t, chunk in zip(tensors, flat.split([t.numel() for t in tensors])): t.copy_(chunk.view_as(t))
 
-# %% ../nbs/09_training.ipynb #6a74572e
+# %% ../nbs/09_training.ipynb #c62ebc44
 @torch.no_grad()
 def evaluate_bpd(model:MuLAN, images:Tensor, # integer test images (N, *data_shape)
                  n_t:int=128, # draws per image
@@ -164,7 +164,7 @@ def evaluate_bpd(model:MuLAN, images:Tensor, # integer test images (N, *data_sha
     se = per_image.std().item() / math.sqrt(len(images)) if len(images) > 1 else float('nan')
     return dict(bpd=per_image.mean().item(), se=se, n_t=n_t, **{f'{k}_bpd': v / len(rep) for k, v in terms.items() if k != 'bpd'})
 
-# %% ../nbs/09_training.ipynb #74552234
+# %% ../nbs/09_training.ipynb #a2d44dbb
 def plot_learning_curves(metrics:list[dict], path:str|Path) -> None:
     "Training bpd (per logged step) and test bpd (EMA weights, ± standard error) against step."
     import matplotlib; matplotlib.use('Agg', force=False)
@@ -215,7 +215,7 @@ def plot_schedules(model:MuLAN, images:Tensor, # a few integer images (n, C, H, 
             axs[i, 2 + j].axis('off'); fig.colorbar(im, ax=axs[i, 2 + j], fraction=0.046)
     fig.tight_layout(); fig.savefig(path, dpi=90); plt.close(fig)
 
-# %% ../nbs/09_training.ipynb #578b7562
+# %% ../nbs/09_training.ipynb #cb62f31c
 def _progress(total:int, initial:int, enabled:bool):
     "A tqdm progress bar when tqdm is installed and `enabled`; otherwise None."
     if not enabled: return None
@@ -233,6 +233,7 @@ def _read_jsonl(path:Path, max_step:int|None=None) -> list[dict]:
     rows = [json.loads(l) for l in path.read_text().splitlines() if l.strip()]
     return [r for r in rows if max_step is None or r['step'] <= max_step]
 
+@torch.enable_grad()
 def train(cfg:TrainConfig, # the run
           resume:bool=False, # continue from `cfg.out`/checkpoint.pt
           progress:bool=True, # show a progress bar (rank 0)
@@ -337,7 +338,7 @@ def train(cfg:TrainConfig, # the run
     if world > 1: dist.barrier()
     return result
 
-# %% ../nbs/09_training.ipynb #d7e82681
+# %% ../nbs/09_training.ipynb #3c778c6a
 def _model_overrides(items:list[str]) -> dict:
     "Parse `KEY=VALUE` model overrides; values are read as Python literals where they parse, else kept as strings."
     import ast
