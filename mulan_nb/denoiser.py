@@ -5,17 +5,17 @@
 # %% auto #0
 __all__ = ['group_norm', 'sinusoidal_embedding', 'FourierFeatures', 'ResBlock', 'AttnBlock', 'ScoreUNet']
 
-# %% ../nbs/03_denoiser.ipynb #2307ca45
+# %% ../nbs/03_denoiser.ipynb #1cf15e67
 import math
 import torch
 from torch import nn, Tensor
 import torch.nn.functional as F
 from .schedules import GAMMA_MIN, GAMMA_MAX
 
-# %% ../nbs/03_denoiser.ipynb #baaa2384
+# %% ../nbs/03_denoiser.ipynb #e3ee2b83
 def group_norm(channels:int) -> nn.GroupNorm:
-    "GroupNorm with up to 32 groups that divide `channels`."
-    return nn.GroupNorm(math.gcd(32, channels), channels)
+    "GroupNorm with the most groups (up to 32, VDM's number) that divide `channels` and keep at least 4 channels each."
+    return nn.GroupNorm(max([g for g in range(1, 33) if channels % g == 0 and channels // g >= 4] or [1]), channels)
 
 def sinusoidal_embedding(x:Tensor, # values to embed, shape (B,)
                          dim:int, # embedding size (even)
@@ -35,7 +35,7 @@ class FourierFeatures(nn.Module):
         h = (z[:, :, None] * self.freqs[:, None, None].to(z.dtype)).flatten(1, 2)
         return torch.cat([h.sin(), h.cos()], dim=1)
 
-# %% ../nbs/03_denoiser.ipynb #a716b019
+# %% ../nbs/03_denoiser.ipynb #9577354d
 class ResBlock(nn.Module):
     "GN → swish → conv → + Dense(cond) → GN → swish → dropout → conv (zero-init) → + residual (1×1 conv if channels change)."
     def __init__(self, c_in:int, c_out:int, cond_dim:int=0, dropout:float=0.):
@@ -64,7 +64,7 @@ class AttnBlock(nn.Module):
         h = F.scaled_dot_product_attention(q[:, None], k[:, None], v[:, None])[:, 0]
         return x + self.proj(h.transpose(-1, -2).reshape(B, C, H, W))
 
-# %% ../nbs/03_denoiser.ipynb #381f2f28
+# %% ../nbs/03_denoiser.ipynb #e1966d34
 class ScoreUNet(nn.Module):
     "VDM's ScoreUNet without downsampling, conditioned on the embedded mean γ and the latent c; output `z + NN(z)`."
     def __init__(self, data_shape:tuple, # shape of one image (C_img, H, W)
@@ -75,6 +75,7 @@ class ScoreUNet(nn.Module):
                  attention:bool=True, # one-head self-attention in the middle block
                  fourier:bool=True, # base-2 Fourier features of the input (2^6, 2^7)
                  gamma_min:float=GAMMA_MIN, gamma_max:float=GAMMA_MAX, # range used to normalise the mean γ
+                 null_noise:bool=False, # learn a null embedding that can replace the noise level (noise-awareness guidance)
                 ):
         super().__init__()
         if len(data_shape) != 3: raise ValueError(f"data_shape must be (channels, height, width), got {data_shape}")
@@ -84,6 +85,7 @@ class ScoreUNet(nn.Module):
         self.gamma_min, self.gamma_max = gamma_min, gamma_max
         cond_dim = 4 * channels
         self.cond_mlp = nn.Sequential(nn.Linear(channels + latent_dim, cond_dim), nn.SiLU(), nn.Linear(cond_dim, cond_dim), nn.SiLU())
+        self.null_noise = nn.Parameter(torch.zeros(channels)) if null_noise else None
         self.fourier = FourierFeatures() if fourier else None
         c_img = data_shape[0]
         self.conv_in = nn.Conv2d(c_img * (5 if fourier else 1), channels, 3, padding=1)
@@ -94,21 +96,25 @@ class ScoreUNet(nn.Module):
         self.norm_out, self.conv_out = group_norm(channels), nn.Conv2d(channels, c_img, 3, padding=1)
         nn.init.zeros_(self.conv_out.weight); nn.init.zeros_(self.conv_out.bias)
 
-    def conditioning(self, gamma:Tensor, c:Tensor|None) -> Tensor:
-        "Conditioning vector (B, 4C) from γ (B, *data_shape or broadcastable) and c (B, latent_dim)."
+    def conditioning(self, gamma:Tensor, c:Tensor|None, drop_noise:Tensor|None=None) -> Tensor:
+        "Conditioning vector (B, 4C) from γ (B, *data_shape or broadcastable), c (B, latent_dim) and a mask (B,) of images whose noise level is replaced by the null embedding."
         if self.latent_dim and (c is None or c.shape != (gamma.shape[0], self.latent_dim)):
             raise ValueError(f"latent c must have shape (B, {self.latent_dim}), got {None if c is None else tuple(c.shape)}")
         g = gamma.reshape(gamma.shape[0], -1).mean(1)
         temb = sinusoidal_embedding(1000 * (g - self.gamma_min) / (self.gamma_max - self.gamma_min), self.channels)
+        if drop_noise is not None:
+            if self.null_noise is None: raise ValueError("this denoiser has no null noise embedding: build it with null_noise=True (noise_dropout > 0)")
+            temb = torch.where(drop_noise[:, None], self.null_noise.to(temb.dtype), temb)
         if self.latent_dim: temb = torch.cat([temb, c.to(temb.dtype)], dim=1)
         return self.cond_mlp(temb)
 
     def forward(self, z:Tensor, # noisy images z_t, shape (B, *data_shape)
                 gamma:Tensor, # γ_t, shape (B, *data_shape) or (B, 1, 1, 1)
                 c:Tensor|None=None, # latent, shape (B, latent_dim)
+                drop_noise:Tensor|None=None, # bool (B,): replace these images' noise level by the null embedding
                ) -> Tensor:
         "The prediction (ε̂ or v̂), shape of z."
-        cond = self.conditioning(gamma, c)
+        cond = self.conditioning(gamma, c, drop_noise)
         h = self.conv_in(torch.cat([z, self.fourier(z)], dim=1) if self.fourier is not None else z)
         hs = [h]
         for block in self.down: hs.append(block(hs[-1], cond))

@@ -5,7 +5,7 @@
 # %% auto #0
 __all__ = ['SCHEDULES', 'PRESETS', 'MuLANConfig', 'MuLAN', 'parameter_counts', 'demo']
 
-# %% ../nbs/05_model.ipynb #a1e95fd5
+# %% ../nbs/05_model.ipynb #ddd190d8
 import math, dataclasses
 from dataclasses import dataclass, field, asdict
 import torch
@@ -18,7 +18,7 @@ from .schedules import (GAMMA_MIN, GAMMA_MAX, LinearSchedule, ScalarSchedule, Mo
 from .latents import LatentEncoder, make_latent
 from .denoiser import ScoreUNet
 
-# %% ../nbs/05_model.ipynb #d458e649
+# %% ../nbs/05_model.ipynb #24bca8b1
 SCHEDULES = {'linear': LinearSchedule, 'scalar': ScalarSchedule, 'monotone': MonotoneNNSchedule,
              'polynomial': PolynomialSchedule, 'sigmoid': SigmoidSchedule}
 
@@ -42,6 +42,7 @@ class MuLANConfig:
     dropout: float = 0.1 # denoiser dropout
     attention: bool = True # attention in the denoiser's middle block
     prediction: str = 'eps' # what the denoiser predicts: 'eps' or 'v'
+    noise_dropout: float = 0. # probability of hiding the noise level from the denoiser in training (noise-awareness guidance)
     T: int = 0 # diffusion steps in the bound; 0 for continuous time
     gamma_min: float = GAMMA_MIN # γ at t = 0
     gamma_max: float = GAMMA_MAX # γ at t = 1
@@ -60,6 +61,7 @@ class MuLANConfig:
         need(self.prediction in ('eps', 'v'), f"prediction must be 'eps' or 'v', got {self.prediction!r}")
         need(self.T >= 0, f"T (steps) must be >= 0 (0 for continuous time), got {self.T}")
         need(0 <= self.dropout < 1, f"dropout must lie in [0, 1), got {self.dropout}")
+        need(0 <= self.noise_dropout < 1, f"noise_dropout must lie in [0, 1), got {self.noise_dropout}")
         need(self.channels >= 1 and self.n_blocks >= 0 and self.encoder_channels >= 1 and self.encoder_blocks >= 0,
              "channels and encoder_channels must be >= 1, n_blocks and encoder_blocks >= 0")
         need(self.gamma_min < self.gamma_max, f"gamma_min must be below gamma_max, got {self.gamma_min}, {self.gamma_max}")
@@ -67,7 +69,7 @@ class MuLANConfig:
     @property
     def latent_dim(self) -> int: return 0 if self.latent == 'none' else self.latent_m
 
-# %% ../nbs/05_model.ipynb #4269b1b0
+# %% ../nbs/05_model.ipynb #9168af11
 _DIGITS = dict(data_shape=(1, 8, 8), K=17, channels=48, n_blocks=4, dropout=0.1, encoder_channels=16, encoder_blocks=2)
 _MNIST = dict(data_shape=(1, 28, 28), K=256, channels=64, n_blocks=8, dropout=0.1, encoder_channels=32, encoder_blocks=4)
 _CIFAR = dict(data_shape=(3, 32, 32), K=256, channels=128, n_blocks=32, dropout=0.1, encoder_channels=128, encoder_blocks=4)
@@ -84,7 +86,7 @@ PRESETS = {
     'cifar10-mulan': {**_CIFAR, **_MULAN, 'latent_m': 50, 'latent_k': 15},
 }
 
-# %% ../nbs/05_model.ipynb #1557b007
+# %% ../nbs/05_model.ipynb #c61382a0
 class MuLAN(nn.Module):
     "Diffusion model with a learned (multivariate, adaptive) schedule; VDM when `latent='none'` and the schedule is linear or scalar."
     def __init__(self, config:MuLANConfig|None=None, # the model's configuration
@@ -101,7 +103,7 @@ class MuLAN(nn.Module):
         else:
             width = dict(width=cfg.schedule_width) if cfg.schedule_width else {}
             self.schedule = SCHEDULES[cfg.schedule](shape, m if cfg.conditioned else 0, multivariate=cfg.multivariate, **ends, **width)
-        self.denoiser = ScoreUNet(shape, cfg.channels, cfg.n_blocks, m, cfg.dropout, cfg.attention, **ends)
+        self.denoiser = ScoreUNet(shape, cfg.channels, cfg.n_blocks, m, cfg.dropout, cfg.attention, **ends, null_noise=cfg.noise_dropout > 0)
 
     @classmethod
     def from_preset(cls, name:str, # one of `PRESETS`
@@ -124,9 +126,19 @@ class MuLAN(nn.Module):
         "γ(c, t) and γ'(c, t), broadcastable to (B, *data_shape); in full precision also under autocast."
         return self.schedule(t, c if self.config.conditioned else None)
 
-    def predict_eps(self, z:Tensor, gamma:Tensor, c:Tensor|None=None) -> Tensor:
-        "The denoiser's noise prediction ε̂(z_t; γ_t, c), converting from v̂ when the model predicts v."
-        out = self.denoiser(z, gamma, c)
+    def predict_eps(self, z:Tensor, # noisy images z_t
+                    gamma:Tensor, # γ_t, broadcastable to z
+                    c:Tensor|None=None, # latent (B, m)
+                    drop_noise:Tensor|None=None, # bool (B,): hide the noise level from the denoiser for these images
+                    guidance:float|None=None, # noise-awareness guidance weight w (needs noise_dropout > 0); None: one plain pass
+                   ) -> Tensor:
+        "ε̂(z_t; γ_t, c), converting from v̂ when the model predicts v; with guidance `out + w (out - out(∅))` on the raw output."
+        if guidance is not None:
+            both = self.denoiser(z.repeat(2, *[1] * (z.ndim - 1)), gamma.expand_as(z).repeat(2, *[1] * (z.ndim - 1)),
+                                 None if c is None else c.repeat(2, 1), torch.arange(2 * len(z), device=z.device) >= len(z))
+            cond, uncond = both.chunk(2)
+            out = cond + guidance * (cond - uncond)
+        else: out = self.denoiser(z, gamma, c, drop_noise)
         return out if self.config.prediction == 'eps' else eps_from_v(out, z, gamma)
 
     def encode(self, x:Tensor) -> tuple[Tensor|None, Tensor]:
@@ -155,22 +167,23 @@ class MuLAN(nn.Module):
         g_t, g_0, g_1 = gammas[:3]
         eps = torch.randn_like(f)
         z_t = diffuse(f, g_t, eps)
+        drop = torch.rand(B, device=x.device) < cfg.noise_dropout if self.training and cfg.noise_dropout else None
         weight = diffusion_weight(g_t, slopes[0], gammas[3] if cfg.T else None, cfg.T)
-        nats = dict(diffusion=diffusion_loss(eps, self.predict_eps(z_t, g_t, c), weight),
+        nats = dict(diffusion=diffusion_loss(eps, self.predict_eps(z_t, g_t, c, drop), weight),
                     recon=recon_loss(x, diffuse(f, g_0, torch.randn_like(f)), g_0, cfg.K),
                     prior=prior_kl(f, g_1), latent=kl_c)
         out = {k: nats_to_bpd(v, self.D) for k, v in nats.items()}
         out['bpd'] = sum(out.values())
         return out
 
-# %% ../nbs/05_model.ipynb #0e543aab
+# %% ../nbs/05_model.ipynb #8e068638
 def parameter_counts(model:MuLAN) -> dict:
     "Number of parameters of each part of a model and in total."
     parts = {'denoiser': model.denoiser, 'schedule': model.schedule, 'encoder': model.encoder}
     counts = {k: sum(p.numel() for p in m.parameters()) if m is not None else 0 for k, m in parts.items()}
     return {**counts, 'total': sum(counts.values())}
 
-# %% ../nbs/05_model.ipynb #8e62b337
+# %% ../nbs/05_model.ipynb #e0a3648c
 def demo(preset:str='digits-mulan', # model to build
          n:int=256, # images to evaluate
          seed:int=0,

@@ -5,13 +5,13 @@
 # %% auto #0
 __all__ = ['ancestral_step', 'sample', 'sample_main']
 
-# %% ../nbs/08_sampling.ipynb #3f6165f0
+# %% ../nbs/08_sampling.ipynb #997e7954
 import torch
 from torch import Tensor
 from .diffusion import alpha_sigma
 from .bound import decoder_logprobs
 
-# %% ../nbs/08_sampling.ipynb #b233731d
+# %% ../nbs/08_sampling.ipynb #34c72d68
 def ancestral_step(z:Tensor, # z_t, shape (B, *data_shape)
                    eps_hat:Tensor, # ε̂(z_t), shape of z
                    gamma_t:Tensor, gamma_s:Tensor, # γ at t and at s < t, broadcastable to z
@@ -24,7 +24,7 @@ def ancestral_step(z:Tensor, # z_t, shape (B, *data_shape)
     mean = torch.sqrt(a / b) * (z - sigma_t * q * eps_hat)
     return mean + torch.sqrt((1 - a) * q) * (torch.randn_like(z) if noise is None else noise)
 
-# %% ../nbs/08_sampling.ipynb #3b506661
+# %% ../nbs/08_sampling.ipynb #7919df65
 @torch.no_grad()
 def sample(model, # a `MuLAN` model (evaluated as it is: call `.eval()` first for sampling without dropout)
            n:int, # number of images
@@ -33,6 +33,7 @@ def sample(model, # a `MuLAN` model (evaluated as it is: call `.eval()` first fo
            c:Tensor|None=None, # latents (n, m); None to draw from the prior p(c)
            generator:torch.Generator|None=None, # for c, z_1 and the step noise
            return_z0:bool=False, # also return the continuous z_0
+           guidance:float|None=None, # noise-awareness guidance weight w (two network passes per step); None: unguided
           ):
     "Ancestral samples as integer levels, shape (n, *data_shape)."
     if n < 1 or T < 1: raise ValueError(f"n and T must be >= 1, got n={n}, T={T}")
@@ -47,12 +48,12 @@ def sample(model, # a `MuLAN` model (evaluated as it is: call `.eval()` first fo
     for t, s in zip(times.flip(0)[:-1], times.flip(0)[1:]):
         g, _ = model.gamma(torch.stack([t, s]).repeat_interleave(n), None if c is None else c.repeat(2, 1))
         g_t, g_s = g.chunk(2)
-        z = ancestral_step(z, model.predict_eps(z, g_t, c), g_t, g_s, randn())
+        z = ancestral_step(z, model.predict_eps(z, g_t, c, guidance=guidance), g_t, g_s, randn())
     g0, _ = model.gamma(torch.zeros(n, device=device), c)
     x = decoder_logprobs(z, g0, model.config.K).argmax(-1)
     return (x, z) if return_z0 else x
 
-# %% ../nbs/08_sampling.ipynb #4ba88afc
+# %% ../nbs/08_sampling.ipynb #61f9c5c2
 def sample_main(argv:list[str]|None=None) -> int:
     "Console entry point `mulan_sample`."
     import json, sys, time
