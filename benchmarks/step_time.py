@@ -15,7 +15,8 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument('--presets', nargs=2, default=['digits-vdm', 'digits-mulan'], help='baseline and candidate presets')
     p.add_argument('--batch', type=int, default=64, help='images per step')
-    p.add_argument('--steps', type=int, default=30, help='timed steps per model (after 3 warm-up steps)')
+    p.add_argument("--steps", type=int, default=30, help="timed steps per model")
+    p.add_argument("--warmup", type=int, default=3, help="untimed warm-up steps per model")
     p.add_argument('--threads', type=int, default=0, help='torch threads (0: leave as is)')
     a = p.parse_args(argv)
     if a.threads: torch.set_num_threads(a.threads)
@@ -32,10 +33,10 @@ def main(argv=None):
         model.nelbo(x)['bpd'].mean().backward()
         opt.step()
 
-    for i in range(3 + a.steps):
+    for i in range(a.warmup + a.steps):
         for name, model, x, opt, times in runs:
             t0 = time.perf_counter(); step(model, x, opt); dt = time.perf_counter() - t0
-            if i >= 3: times.append(dt)
+            if i >= a.warmup: times.append(dt)
     med = [statistics.median(r[4]) for r in runs]
     for (name, model, *_), m in zip(runs, med):
         print(f'{name:16s} {m * 1e3:8.1f} ms/step  (batch {a.batch}, {parameter_counts(model)["total"] / 1e6:.2f}M parameters)')
