@@ -1,0 +1,210 @@
+"Likelihood: the probability-flow ODE and the ELBO against closed forms, Hutchinson against exact, and bad input."
+import math
+import pytest, torch
+from sklearn.datasets import load_digits
+from mulan_nb.likelihood import (GaussianReference, pf_ode_logp, mean_gamma_clock, dequantize, iw_bound, ode_bpd,
+                                 dense_elbo, DEQUANTIZATIONS)
+from mulan_nb.model import MuLAN
+from mulan_nb.schedules import LinearSchedule, GAMMA_MIN, GAMMA_MAX
+from mulan_nb.diffusion import alpha_sigma, levels_to_data
+from mulan_nb.bound import nats_to_bpd
+
+F64, D = torch.float64, 6
+ZERO, ONE = torch.tensor(0., dtype=F64), torch.tensor(1., dtype=F64)
+
+
+@pytest.fixture(autouse=True, scope='module')
+def one_thread():
+    "ODE solves are many small ops: one thread is fastest, and robust to a busy machine; restored afterwards."
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def gaussian_reference(kind):
+    "Correlated Gaussian data in D = 6 and a univariate ('linear') or multivariate (γ_i = γ_min + Δ t^p_i) schedule."
+    g = torch.Generator().manual_seed(0)
+    A = torch.randn(D, D, dtype=F64, generator=g)
+    norms = (A**2).sum(1).sqrt()
+    corr = A @ A.T / torch.outer(norms, norms)
+    scale = torch.linspace(0.1, 0.5, D, dtype=F64)
+    mu, Sigma = torch.linspace(-0.5, 0.5, D, dtype=F64), scale[:, None] * (0.2 * corr + 0.8 * torch.eye(D, dtype=F64)) * scale
+    if kind == 'linear':
+        lin = LinearSchedule((D,))
+        return GaussianReference(mu, Sigma, lambda t: lin(t.reshape(1)))
+    p, delta = torch.linspace(1, 3, D, dtype=F64), GAMMA_MAX - GAMMA_MIN
+    return GaussianReference(mu, Sigma, lambda t: (GAMMA_MIN + delta * t**p, delta * p * t**(p - 1)))
+
+
+def start(ref, n, seed=1):
+    "n draws of z_0 from the exact marginal at t = 0."
+    torch.manual_seed(seed)
+    return torch.distributions.MultivariateNormal(*ref.marginal(ZERO)).sample((n,))
+
+
+def error_per_dim(ref, z0, result):
+    "|ODE − exact| log p_0 per example, nats per dimension, with the exact terminal density swapped in."
+    return (ref.logp(result.z1, ONE) + result.delta_logp - ref.logp(z0, ZERO)).abs() / D
+
+
+@pytest.mark.parametrize('variable', ['t', 'gamma'])
+@pytest.mark.parametrize('kind', ['linear', 'multivariate'])
+def test_exact_divergence_ode_recovers_the_exact_log_density(kind, variable):
+    ref = gaussian_reference(kind)
+    z0 = start(ref, 16)
+    r = pf_ode_logp(z0, ref.eps, ref.gamma_fn, variable=variable)
+    assert error_per_dim(ref, z0, r).max() < 1e-3
+    assert r.logp.shape == (16,) and r.z1.shape == z0.shape and r.nfe > 0
+
+
+def test_hutchinson_mean_over_probes_recovers_the_exact_log_density():
+    ref = gaussian_reference('multivariate')
+    z0 = start(ref, 4)
+    r = pf_ode_logp(z0, ref.eps, ref.gamma_fn, 'hutchinson', n_probes=16384, variable='gamma', generator=torch.Generator().manual_seed(2))
+    assert error_per_dim(ref, z0, r).max() < 1e-3
+
+
+def test_hutchinson_approaches_the_exact_divergence_as_probes_grow():
+    ref = gaussian_reference('linear')
+    z0 = start(ref, 8)
+    exact = pf_ode_logp(z0, ref.eps, ref.gamma_fn).delta_logp
+    rms = {P: (pf_ode_logp(z0, ref.eps, ref.gamma_fn, 'hutchinson', P, generator=torch.Generator().manual_seed(3)).delta_logp - exact).pow(2).mean().sqrt().item()
+           for P in (1, 64, 4096)}
+    assert rms[4096] < rms[64] < rms[1], rms
+    assert rms[4096] < rms[1] / 16, rms   # ~ 1/sqrt(P): 64 expected
+    assert rms[4096] / D < 1e-3, rms
+
+
+def test_gamma_clock_cuts_evaluations_for_a_multivariate_schedule():
+    ref = gaussian_reference('multivariate')
+    z0 = start(ref, 8)
+    nfe = {v: pf_ode_logp(z0, ref.eps, ref.gamma_fn, variable=v).nfe for v in ('t', 'gamma')}
+    assert nfe['gamma'] < nfe['t'], nfe
+
+
+def test_mean_gamma_clock_inverts_the_mean_gamma():
+    gamma_fn = gaussian_reference('multivariate').gamma_fn
+    clock = mean_gamma_clock(gamma_fn)
+    for s in torch.linspace(0, 1, 11, dtype=F64):
+        t, dt_ds = clock(s)
+        assert abs(gamma_fn(t)[0].mean().item() - (GAMMA_MIN + s.item() * (GAMMA_MAX - GAMMA_MIN))) < 1e-9
+        assert 0 <= t.item() <= 1 and dt_ds > 0
+
+
+@pytest.mark.parametrize('kind', ['linear', 'multivariate'])
+def test_elbo_is_above_the_exact_nll_by_the_endpoint_mismatch(kind):
+    ref = gaussian_reference(kind)
+    torch.manual_seed(4)
+    f = torch.distributions.MultivariateNormal(ref.mean, ref.cov).sample((2000,))
+    gap = sum(ref.nelbo(f, n_t=128).values()) + torch.distributions.MultivariateNormal(ref.mean, ref.cov).log_prob(f)
+    predicted = (ref.prior_mismatch() + ref.decoder_mismatch()).item()
+    se = gap.std().item() / math.sqrt(len(f))
+    assert predicted > 0 and gap.mean() > 0
+    assert abs(gap.mean().item() - predicted) < 4 * se, (gap.mean().item(), predicted, se)
+    assert predicted / D < 1e-3   # close: well under a thousandth of a nat per dimension
+
+
+def test_elbo_with_the_optimal_denoiser_does_not_depend_on_the_path():
+    lin, multi = gaussian_reference('linear'), gaussian_reference('multivariate')
+    f = torch.distributions.MultivariateNormal(lin.mean, lin.cov).sample((50,))
+    assert torch.allclose(sum(lin.nelbo(f).values()), sum(multi.nelbo(f).values()), atol=1e-5)
+
+
+@pytest.fixture(scope='module')
+def small():
+    torch.manual_seed(0)
+    return MuLAN.from_preset('digits-mulan', channels=8, n_blocks=1, encoder_channels=8, encoder_blocks=0)
+
+
+@pytest.fixture(scope='module')
+def digits():
+    return torch.from_numpy(load_digits().images[:2]).long()[:, None]
+
+
+@pytest.mark.parametrize('kind', DEQUANTIZATIONS)
+def test_untrained_digits_ode_bpd_matches_its_closed_form(small, digits, kind):
+    "At initialisation ε̂ = z: z_1 = z_0 (1 + σ_1)/(1 + σ_0) in every dimension."
+    r = ode_bpd(small, digits, kind, n_samples=2, divergence='hutchinson', generator=torch.Generator().manual_seed(5))
+    z, log_q = dequantize(digits, 17, torch.tensor(GAMMA_MIN), kind, 2, torch.Generator().manual_seed(5))
+    s0, s1 = alpha_sigma(torch.tensor([GAMMA_MIN, GAMMA_MAX], dtype=F64))[1]
+    k = math.log((1 + s1) / (1 + s0))
+    log_p = torch.distributions.Normal(0., 1.).log_prob(z * math.exp(k)).flatten(2).sum(2) + 64 * k
+    assert torch.allclose(r.data_bpd, nats_to_bpd(-iw_bound(log_p, log_q), 64), atol=1e-4)
+    assert torch.isfinite(r.bpd).all() and len(r.nfe) == 2 and r.c.shape == (2, 8) and 'bound' in r.note
+
+
+def test_exact_and_hutchinson_agree_on_a_diagonal_jacobian(small, digits):
+    kw = dict(generator=torch.Generator().manual_seed(6))
+    exact = ode_bpd(small, digits, divergence='exact', **kw).bpd
+    kw = dict(generator=torch.Generator().manual_seed(6))
+    assert torch.allclose(exact, ode_bpd(small, digits, divergence='hutchinson', **kw).bpd, atol=1e-4)
+
+
+def test_dense_elbo_is_finite_and_its_terms_add_up(small, digits):
+    torch.manual_seed(7)
+    res = dense_elbo(small, digits, n_t=8, batch_size=5)
+    assert res.bpd.shape == res.sem.shape == (2,) and torch.isfinite(res.bpd).all() and (res.sem > 0).all()
+    assert torch.allclose(sum(res.terms.values()), res.bpd, atol=1e-4)
+    assert small.training   # mode restored
+
+
+def test_dequantized_samples_stay_in_their_bins_and_iw_approaches_the_mass():
+    g0 = torch.tensor(GAMMA_MIN, dtype=F64)
+    a0, s0 = alpha_sigma(g0)
+    x = torch.full((500, 1), 40)
+    centre = a0 * levels_to_data(x, 256).double()[:, 0]
+    p0 = torch.distributions.Normal(centre, 2 * s0)
+    mass = torch.log(p0.cdf(centre + a0 / 256) - p0.cdf(centre - a0 / 256)).mean().item()
+    bounds = []
+    for S in (1, 32, 1024):
+        z, log_q = dequantize(x, 256, g0, 'uniform', S, torch.Generator().manual_seed(S))
+        assert (torch.floor((z / a0 + 1) * 128) == 40).all()
+        bounds.append(iw_bound(p0.log_prob(z[..., 0]), log_q).mean().item())
+    assert bounds[0] < bounds[1] < bounds[2] <= mass + 1e-3 and mass - bounds[2] < 0.01, (bounds, mass)
+
+
+def test_truncnormal_needs_the_noise_inside_the_bin():
+    x = torch.zeros(2, 1, 8, 8, dtype=torch.long)
+    dequantize(x, 256, torch.tensor(GAMMA_MIN), 'truncnormal')
+    with pytest.raises(ValueError, match='3 σ_0'):
+        dequantize(x, 256, torch.tensor(-12.), 'truncnormal')
+
+
+@pytest.mark.parametrize('bad, kw, words', [
+    (lambda x: x.float(), {}, 'dtype'),
+    (lambda x: x.double() / 16, {}, 'dtype'),
+    (lambda x: x[:, :, :7], {}, 'shape'),
+    (lambda x: x.reshape(len(x), 64), {}, 'shape'),
+    (lambda x: x + 17, {}, r'\[0, 17\)'),
+    (lambda x: x, dict(dequantization='gaussian'), 'unknown dequantization'),
+    (lambda x: x, dict(n_samples=0), 'n_samples'),
+    (lambda x: x, dict(divergence='trace'), 'unknown divergence'),
+    (lambda x: x, dict(divergence='hutchinson', n_probes=0), 'n_probes'),
+    (lambda x: x, dict(variable='logsnr'), 'unknown variable'),
+    (lambda x: x, dict(method='rk4'), 'adaptive torchdiffeq solver'),
+    (lambda x: x, dict(method='ode45'), 'adaptive torchdiffeq solver'),
+    (lambda x: x, dict(atol=0.), 'atol'),
+])
+def test_ode_bpd_names_bad_input(small, digits, bad, kw, words):
+    with pytest.raises(ValueError, match=words):
+        ode_bpd(small, bad(digits), **kw)
+
+
+@pytest.mark.parametrize('bad, kw, words', [
+    (lambda x: x.float(), {}, 'dtype'), (lambda x: x[:, :, :7], {}, 'shape'),
+    (lambda x: x, dict(n_t=1), 'n_t'), (lambda x: x, dict(batch_size=0), 'batch_size'),
+])
+def test_dense_elbo_names_bad_input(small, digits, bad, kw, words):
+    with pytest.raises(ValueError, match=words):
+        dense_elbo(small, bad(digits), **kw)
+
+
+def test_pf_ode_logp_names_bad_input():
+    ref = gaussian_reference('linear')
+    with pytest.raises(ValueError, match='floating'):
+        pf_ode_logp(torch.zeros(4, D, dtype=torch.long), ref.eps, ref.gamma_fn)
+    with pytest.raises(ValueError, match='floating'):
+        pf_ode_logp(torch.zeros(D, dtype=F64), ref.eps, ref.gamma_fn)
+    with pytest.raises(ValueError, match='increases strictly'):
+        pf_ode_logp(torch.zeros(4, D, dtype=F64), ref.eps, lambda t: (torch.zeros(D, dtype=F64), torch.zeros(D, dtype=F64)), variable='gamma')
