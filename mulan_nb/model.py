@@ -5,7 +5,7 @@
 # %% auto #0
 __all__ = ['SCHEDULES', 'PRESETS', 'MuLANConfig', 'MuLAN', 'parameter_counts', 'demo']
 
-# %% ../nbs/05_model.ipynb #ddd190d8
+# %% ../nbs/05_model.ipynb #fba82b49
 import math, dataclasses
 from dataclasses import dataclass, field, asdict
 import torch
@@ -18,7 +18,7 @@ from .schedules import (GAMMA_MIN, GAMMA_MAX, LinearSchedule, ScalarSchedule, Mo
 from .latents import LatentEncoder, make_latent
 from .denoiser import ScoreUNet
 
-# %% ../nbs/05_model.ipynb #24bca8b1
+# %% ../nbs/05_model.ipynb #b14a6e14
 SCHEDULES = {'linear': LinearSchedule, 'scalar': ScalarSchedule, 'monotone': MonotoneNNSchedule,
              'polynomial': PolynomialSchedule, 'sigmoid': SigmoidSchedule}
 
@@ -69,7 +69,7 @@ class MuLANConfig:
     @property
     def latent_dim(self) -> int: return 0 if self.latent == 'none' else self.latent_m
 
-# %% ../nbs/05_model.ipynb #9168af11
+# %% ../nbs/05_model.ipynb #e9a07324
 _DIGITS = dict(data_shape=(1, 8, 8), K=17, channels=48, n_blocks=4, dropout=0.1, encoder_channels=16, encoder_blocks=2)
 _MNIST = dict(data_shape=(1, 28, 28), K=256, channels=64, n_blocks=8, dropout=0.1, encoder_channels=32, encoder_blocks=4)
 _CIFAR = dict(data_shape=(3, 32, 32), K=256, channels=128, n_blocks=32, dropout=0.1, encoder_channels=128, encoder_blocks=4)
@@ -86,7 +86,7 @@ PRESETS = {
     'cifar10-mulan': {**_CIFAR, **_MULAN, 'latent_m': 50, 'latent_k': 15},
 }
 
-# %% ../nbs/05_model.ipynb #c61382a0
+# %% ../nbs/05_model.ipynb #a0cd1791
 class MuLAN(nn.Module):
     "Diffusion model with a learned (multivariate, adaptive) schedule; VDM when `latent='none'` and the schedule is linear or scalar."
     def __init__(self, config:MuLANConfig|None=None, # the model's configuration
@@ -133,12 +133,9 @@ class MuLAN(nn.Module):
                     guidance:float|None=None, # noise-awareness guidance weight w (needs noise_dropout > 0); None: one plain pass
                    ) -> Tensor:
         "ε̂(z_t; γ_t, c), converting from v̂ when the model predicts v; with guidance `out + w (out - out(∅))` on the raw output."
-        if guidance is not None:
-            both = self.denoiser(z.repeat(2, *[1] * (z.ndim - 1)), gamma.expand_as(z).repeat(2, *[1] * (z.ndim - 1)),
-                                 None if c is None else c.repeat(2, 1), torch.arange(2 * len(z), device=z.device) >= len(z))
-            cond, uncond = both.chunk(2)
-            out = cond + guidance * (cond - uncond)
-        else: out = self.denoiser(z, gamma, c, drop_noise)
+        out = self.denoiser(z, gamma, c, drop_noise)
+        if guidance is not None:   # a second pass of the same batch size, so that w = 0 reproduces the unguided output exactly
+            out = out + guidance * (out - self.denoiser(z, gamma, c, torch.ones(len(z), dtype=torch.bool, device=z.device)))
         return out if self.config.prediction == 'eps' else eps_from_v(out, z, gamma)
 
     def encode(self, x:Tensor) -> tuple[Tensor|None, Tensor]:
@@ -176,14 +173,14 @@ class MuLAN(nn.Module):
         out['bpd'] = sum(out.values())
         return out
 
-# %% ../nbs/05_model.ipynb #8e068638
+# %% ../nbs/05_model.ipynb #1a7fb3a6
 def parameter_counts(model:MuLAN) -> dict:
     "Number of parameters of each part of a model and in total."
     parts = {'denoiser': model.denoiser, 'schedule': model.schedule, 'encoder': model.encoder}
     counts = {k: sum(p.numel() for p in m.parameters()) if m is not None else 0 for k, m in parts.items()}
     return {**counts, 'total': sum(counts.values())}
 
-# %% ../nbs/05_model.ipynb #e0a3648c
+# %% ../nbs/05_model.ipynb #09b84b0d
 def demo(preset:str='digits-mulan', # model to build
          n:int=256, # images to evaluate
          seed:int=0,

@@ -5,13 +5,13 @@
 # %% auto #0
 __all__ = ['ancestral_step', 'sample', 'sample_main']
 
-# %% ../nbs/08_sampling.ipynb #997e7954
+# %% ../nbs/08_sampling.ipynb #2b6f4ead
 import torch
 from torch import Tensor
 from .diffusion import alpha_sigma
 from .bound import decoder_logprobs
 
-# %% ../nbs/08_sampling.ipynb #34c72d68
+# %% ../nbs/08_sampling.ipynb #c32519a5
 def ancestral_step(z:Tensor, # z_t, shape (B, *data_shape)
                    eps_hat:Tensor, # ε̂(z_t), shape of z
                    gamma_t:Tensor, gamma_s:Tensor, # γ at t and at s < t, broadcastable to z
@@ -24,7 +24,7 @@ def ancestral_step(z:Tensor, # z_t, shape (B, *data_shape)
     mean = torch.sqrt(a / b) * (z - sigma_t * q * eps_hat)
     return mean + torch.sqrt((1 - a) * q) * (torch.randn_like(z) if noise is None else noise)
 
-# %% ../nbs/08_sampling.ipynb #7919df65
+# %% ../nbs/08_sampling.ipynb #2f9947c0
 @torch.no_grad()
 def sample(model, # a `MuLAN` model (evaluated as it is: call `.eval()` first for sampling without dropout)
            n:int, # number of images
@@ -53,7 +53,7 @@ def sample(model, # a `MuLAN` model (evaluated as it is: call `.eval()` first fo
     x = decoder_logprobs(z, g0, model.config.K).argmax(-1)
     return (x, z) if return_z0 else x
 
-# %% ../nbs/08_sampling.ipynb #61f9c5c2
+# %% ../nbs/08_sampling.ipynb #dd771a2f
 def sample_main(argv:list[str]|None=None) -> int:
     "Console entry point `mulan_sample`."
     import json, sys, time
