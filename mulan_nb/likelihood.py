@@ -168,7 +168,7 @@ def pf_ode_logp(x: Tensor, # the state at t = 0, continuous, shape (B, ...)
                 gamma_fn: Callable, # t -> (γ, γ'), each broadcastable to z
                 divergence: str='exact', # 'exact' (one vector-Jacobian product per dimension) or 'hutchinson'
                 n_probes: int=1, # Rademacher probes, drawn once per solve (Hutchinson only)
-                variable: str='gamma', # integrate in 'gamma', the normalised mean γ (`mean_gamma_clock`), or in plain 't'
+                variable: str='t', # integrate in plain 't', or in 'gamma': the normalised mean γ (`mean_gamma_clock`)
                 rtol: float=1e-5, atol: float=1e-5, # solver tolerances
                 error_norm: str='separate', # 'separate': the larger of the RMS of z and of ∫div; 'joint': one RMS over both
                 method: str='dopri5', # an adaptive torchdiffeq solver
@@ -268,7 +268,7 @@ def ode_bpd(model: nn.Module, # a `MuLAN`
             n_samples: int=1, # dequantization samples per image, importance weighted
             divergence: str='exact', # 'exact' or 'hutchinson'
             n_probes: int=1, # Rademacher probes per solve (Hutchinson only)
-            variable: str='gamma', # integration variable: 't' or 'gamma' (the normalised mean γ)
+            variable: str='t', # integration variable: 't' or 'gamma' (the normalised mean γ)
             rtol: float=1e-5, atol: float=1e-5, # solver tolerances
             error_norm: str='separate', # solver error norm: 'separate' or 'joint' (see `pf_ode_logp`)
             method: str='dopri5', # an adaptive torchdiffeq solver
