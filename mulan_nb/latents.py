@@ -20,12 +20,12 @@ class LatentEncoder(nn.Module):
                  channels:int=32, # width of the residual blocks
                  n_blocks:int=4, # residual blocks before the middle block
                  attention:bool=True, # attention in the middle block
-                 fourier:bool=True, # base-2 Fourier features of the input
+                 fourier:tuple=(6, 7), # exponents of the base-2 Fourier features of the input; () for none
                 ):
         super().__init__()
         c_img, H, W = data_shape
-        self.fourier = FourierFeatures() if fourier else None
-        self.conv_in = nn.Conv2d(c_img * (5 if fourier else 1), channels, 3, padding=1)
+        self.fourier = FourierFeatures(fourier) if fourier else None
+        self.conv_in = nn.Conv2d(c_img * (1 + 2 * len(fourier)), channels, 3, padding=1)
         self.blocks = nn.Sequential(*[ResBlock(channels, channels) for _ in range(n_blocks)], ResBlock(channels, channels),
                                     AttnBlock(channels) if attention else nn.Identity(), ResBlock(channels, channels))
         self.norm_out, self.conv_out = group_norm(channels), nn.Conv2d(channels, 1, 3, padding=1)

@@ -13,10 +13,10 @@ from torch import nn, Tensor
 from .diffusion import check_levels, levels_to_data, diffuse
 from .bound import (stratified_times, discretize_times, diffusion_weight, diffusion_loss, eps_from_v,
                             recon_loss, prior_kl, nats_to_bpd)
-from .schedules import (GAMMA_MIN, GAMMA_MAX, LinearSchedule, ScalarSchedule, MonotoneNNSchedule,
+from .schedules import (GAMMA_MIN, GAMMA_MAX, gamma_min_for_levels, LinearSchedule, ScalarSchedule, MonotoneNNSchedule,
                                 PolynomialSchedule, SigmoidSchedule)
 from .latents import LatentEncoder, make_latent
-from .denoiser import ScoreUNet
+from .denoiser import ScoreUNet, fourier_exponents
 
 # %% ../nbs/05_model.ipynb #b14a6e14
 SCHEDULES = {'linear': LinearSchedule, 'scalar': ScalarSchedule, 'monotone': MonotoneNNSchedule,
@@ -44,8 +44,9 @@ class MuLANConfig:
     prediction: str = 'eps' # what the denoiser predicts: 'eps' or 'v'
     noise_dropout: float = 0. # probability of hiding the noise level from the denoiser in training (noise-awareness guidance)
     T: int = 0 # diffusion steps in the bound; 0 for continuous time
-    gamma_min: float = GAMMA_MIN # γ at t = 0
+    gamma_min: float|None = None # γ at t = 0 (None: `gamma_min_for_levels(K)`, VDM's -13.3 for 8-bit data)
     gamma_max: float = GAMMA_MAX # γ at t = 1
+    fourier: tuple|None = None # exponents of the input's Fourier features (None: `fourier_exponents(K)`, (6, 7) for 8-bit data)
 
     def __post_init__(self):
         self.data_shape = tuple(self.data_shape)
@@ -64,6 +65,8 @@ class MuLANConfig:
         need(0 <= self.noise_dropout < 1, f"noise_dropout must lie in [0, 1), got {self.noise_dropout}")
         need(self.channels >= 1 and self.n_blocks >= 0 and self.encoder_channels >= 1 and self.encoder_blocks >= 0,
              "channels and encoder_channels must be >= 1, n_blocks and encoder_blocks >= 0")
+        if self.gamma_min is None: self.gamma_min = gamma_min_for_levels(self.K)
+        self.fourier = tuple(fourier_exponents(self.K) if self.fourier is None else self.fourier)
         need(self.gamma_min < self.gamma_max, f"gamma_min must be below gamma_max, got {self.gamma_min}, {self.gamma_max}")
 
     @property
@@ -97,13 +100,13 @@ class MuLAN(nn.Module):
         self.config, shape, m = cfg, cfg.data_shape, cfg.latent_dim
         self.D = math.prod(shape)
         self.latent = make_latent(cfg.latent, cfg.latent_m, cfg.latent_k, cfg.kl)
-        self.encoder = LatentEncoder(shape, self.latent.n_params, cfg.encoder_channels, cfg.encoder_blocks) if m else None
+        self.encoder = LatentEncoder(shape, self.latent.n_params, cfg.encoder_channels, cfg.encoder_blocks, fourier=cfg.fourier) if m else None
         ends = dict(gamma_min=cfg.gamma_min, gamma_max=cfg.gamma_max)
         if cfg.schedule in ('linear', 'scalar'): self.schedule = SCHEDULES[cfg.schedule](shape, **ends)
         else:
             width = dict(width=cfg.schedule_width) if cfg.schedule_width else {}
             self.schedule = SCHEDULES[cfg.schedule](shape, m if cfg.conditioned else 0, multivariate=cfg.multivariate, **ends, **width)
-        self.denoiser = ScoreUNet(shape, cfg.channels, cfg.n_blocks, m, cfg.dropout, cfg.attention, **ends, null_noise=cfg.noise_dropout > 0)
+        self.denoiser = ScoreUNet(shape, cfg.channels, cfg.n_blocks, m, cfg.dropout, cfg.attention, cfg.fourier, **ends, null_noise=cfg.noise_dropout > 0)
 
     @classmethod
     def from_preset(cls, name:str, # one of `PRESETS`

@@ -4,8 +4,8 @@
 
 # %% auto #0
 __all__ = ['CHECKPOINT_FORMAT', 'TrainConfig', 'lr_at', 'ema_decay', 'ema_update', 'shard_seed', 'save_checkpoint',
-           'load_checkpoint', 'model_from_checkpoint', 'init_distributed', 'all_reduce_sum', 'evaluate_bpd',
-           'plot_learning_curves', 'plot_samples', 'plot_schedules', 'train', 'OneLineParser', 'train_parser', 'main']
+           'load_checkpoint', 'model_from_checkpoint', 'init_distributed', 'all_reduce_sum', 'plot_learning_curves',
+           'plot_samples', 'plot_schedules', 'train', 'OneLineParser', 'train_parser', 'main']
 
 # %% ../nbs/09_training.ipynb #134aa6fc
 import argparse, copy, json, math, os, sys, time
@@ -18,6 +18,7 @@ from .model import MuLAN, MuLANConfig, PRESETS, parameter_counts
 from .data import load_data, batch_indices, ImageData
 from .bound import stratified_times
 from .sampling import sample
+from .likelihood import dense_elbo
 
 # %% ../nbs/09_training.ipynb #1700e78e
 @dataclass
@@ -43,7 +44,7 @@ class TrainConfig:
     eval_every: int = 500 # steps between test-set evaluations (0: only at the end)
     eval_n_t: int = 4 # draws of (t, ε, c) per test image during training
     final_n_t: int = 128 # draws per test image for the final dense ELBO
-    eval_batch: int = 1024 # images per evaluation forward pass
+    eval_batch: int = 1024 # rows (test image × draw) per evaluation forward pass: bounds memory
     log_every: int = 25 # steps between metric lines
     max_nonfinite: int = 10 # stop after this many non-finite losses in a row
     device: str = 'auto' # 'auto', 'cpu', 'cuda', 'cuda:1', ...
@@ -95,7 +96,7 @@ def shard_seed(seed:int, step:int, shard:int) -> int:
     return (seed * 1_000_003 + step) * 1_009 + shard
 
 # %% ../nbs/09_training.ipynb #f9589862
-CHECKPOINT_FORMAT = 'mulan_nb-checkpoint-1'
+CHECKPOINT_FORMAT = 'mulan_nb-checkpoint-2'   # 2: γ_min and Fourier exponents follow K (version 1 models were built with 8-bit values)
 
 def save_checkpoint(path:str|Path, state:dict) -> None:
     "Write `state` to `path` atomically (temporary file, fsync, rename)."
@@ -112,7 +113,10 @@ def load_checkpoint(path:str|Path, map_location='cpu') -> dict:
     if not path.is_file(): raise ValueError(f"checkpoint not found: {path}")
     try: state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e: raise ValueError(f"checkpoint {path} is unreadable (truncated or corrupted?): {type(e).__name__}: {str(e)[:200]}") from None
-    if not isinstance(state, dict) or state.get('format') != CHECKPOINT_FORMAT:
+    fmt = state.get('format') if isinstance(state, dict) else None
+    if isinstance(fmt, str) and fmt.startswith('mulan_nb-checkpoint-') and fmt != CHECKPOINT_FORMAT:
+        raise ValueError(f"{path} was written by another version of mulan_nb (format {fmt!r}; this version reads {CHECKPOINT_FORMAT!r})")
+    if fmt != CHECKPOINT_FORMAT:
         raise ValueError(f"{path} is not a mulan_nb checkpoint (format {state.get('format') if isinstance(state, dict) else type(state).__name__!r})")
     return state
 
@@ -144,27 +148,7 @@ def all_reduce_sum(tensors:list[Tensor], world:int) -> None:
     dist.all_reduce(flat)
     for t, chunk in zip(tensors, flat.split([t.numel() for t in tensors])): t.copy_(chunk.view_as(t))
 
-# %% ../nbs/09_training.ipynb #c62ebc44
-@torch.no_grad()
-def evaluate_bpd(model:MuLAN, images:Tensor, # integer test images (N, *data_shape)
-                 n_t:int=128, # draws per image
-                 batch_size:int=1024, # images per forward pass
-                 seed:int=0) -> dict:
-    "Dense NELBO on `images`: per-image mean over `n_t` draws; returns mean bpd, its standard error and the mean terms."
-    was_training = model.training; model.eval()
-    torch.manual_seed(seed)
-    per_image, terms = [], {}
-    rep = images.repeat_interleave(n_t, 0)
-    for i in range(0, len(rep), batch_size):
-        out = model.nelbo(rep[i:i + batch_size])
-        per_image.append(out['bpd'].float())
-        for k, v in out.items(): terms[k] = terms.get(k, 0.) + v.float().sum().item()
-    per_image = torch.cat(per_image).reshape(len(images), n_t).mean(1)
-    model.train(was_training)
-    se = per_image.std().item() / math.sqrt(len(images)) if len(images) > 1 else float('nan')
-    return dict(bpd=per_image.mean().item(), se=se, n_t=n_t, **{f'{k}_bpd': v / len(rep) for k, v in terms.items() if k != 'bpd'})
-
-# %% ../nbs/09_training.ipynb #a2d44dbb
+# %% ../nbs/09_training.ipynb #74dd02fb
 def plot_learning_curves(metrics:list[dict], path:str|Path) -> None:
     "Training bpd (per logged step) and test bpd (EMA weights, ± standard error) against step."
     import matplotlib; matplotlib.use('Agg', force=False)
@@ -215,7 +199,7 @@ def plot_schedules(model:MuLAN, images:Tensor, # a few integer images (n, C, H, 
             axs[i, 2 + j].axis('off'); fig.colorbar(im, ax=axs[i, 2 + j], fraction=0.046)
     fig.tight_layout(); fig.savefig(path, dpi=90); plt.close(fig)
 
-# %% ../nbs/09_training.ipynb #cb62f31c
+# %% ../nbs/09_training.ipynb #9063af78
 def _progress(total:int, initial:int, enabled:bool):
     "A tqdm progress bar when tqdm is installed and `enabled`; otherwise None."
     if not enabled: return None
@@ -276,7 +260,8 @@ def train(cfg:TrainConfig, # the run
                                         rng_cpu=torch.get_rng_state(), world_size=world))
 
     def evaluate(n_t):
-        res = evaluate_bpd(ema, xtest, n_t, cfg.eval_batch, seed=cfg.seed)
+        torch.manual_seed(cfg.seed)   # the training steps seed themselves (shard_seed): this does not change them
+        res = dense_elbo(ema, xtest, n_t, cfg.eval_batch).summary()
         return dict(kind='eval', step=step, estimator=f'NELBO, continuous time, {n_t} draws of (t, ε, c) per test image, EMA weights', **res)
 
     bar = _progress(cfg.steps, step, progress and rank == 0)
@@ -338,7 +323,7 @@ def train(cfg:TrainConfig, # the run
     if world > 1: dist.barrier()
     return result
 
-# %% ../nbs/09_training.ipynb #3c778c6a
+# %% ../nbs/09_training.ipynb #7b1708b6
 def _model_overrides(items:list[str]) -> dict:
     "Parse `KEY=VALUE` model overrides; values are read as Python literals where they parse, else kept as strings."
     import ast

@@ -125,12 +125,13 @@ def digits():
 @pytest.mark.parametrize('kind', DEQUANTIZATIONS)
 def test_untrained_digits_ode_bpd_matches_its_closed_form(small, digits, kind):
     "At initialisation ε̂ = z: z_1 = z_0 (1 + σ_1)/(1 + σ_0) in every dimension."
-    r = ode_bpd(small, digits, kind, n_samples=2, divergence='hutchinson', generator=torch.Generator().manual_seed(5))
-    z, log_q = dequantize(digits, 17, torch.tensor(GAMMA_MIN), kind, 2, torch.Generator().manual_seed(5))
-    s0, s1 = alpha_sigma(torch.tensor([GAMMA_MIN, GAMMA_MAX], dtype=F64))[1]
+    r = ode_bpd(small, digits, kind, n_samples=2, divergence='hutchinson', rtol=1e-7, atol=1e-7, generator=torch.Generator().manual_seed(5))
+    g_min, g_max = small.config.gamma_min, small.config.gamma_max
+    z, log_q = dequantize(digits, 17, torch.tensor(g_min), kind, 2, torch.Generator().manual_seed(5))
+    s0, s1 = alpha_sigma(torch.tensor([g_min, g_max], dtype=F64))[1]
     k = math.log((1 + s1) / (1 + s0))
     log_p = torch.distributions.Normal(0., 1.).log_prob(z * math.exp(k)).flatten(2).sum(2) + 64 * k
-    assert torch.allclose(r.data_bpd, nats_to_bpd(-iw_bound(log_p, log_q), 64), atol=1e-4)
+    assert torch.allclose(r.data_bpd, nats_to_bpd(-iw_bound(log_p, log_q), 64), atol=1e-5)
     assert torch.isfinite(r.bpd).all() and len(r.nfe) == 2 and r.c.shape == (2, 8) and 'bound' in r.note
 
 
@@ -193,7 +194,7 @@ def test_ode_bpd_names_bad_input(small, digits, bad, kw, words):
 
 @pytest.mark.parametrize('bad, kw, words', [
     (lambda x: x.float(), {}, 'dtype'), (lambda x: x[:, :, :7], {}, 'shape'),
-    (lambda x: x, dict(n_t=1), 'n_t'), (lambda x: x, dict(batch_size=0), 'batch_size'),
+    (lambda x: x, dict(n_t=0), 'n_t'), (lambda x: x, dict(batch_size=0), 'batch_size'),
 ])
 def test_dense_elbo_names_bad_input(small, digits, bad, kw, words):
     with pytest.raises(ValueError, match=words):
@@ -208,3 +209,69 @@ def test_pf_ode_logp_names_bad_input():
         pf_ode_logp(torch.zeros(D, dtype=F64), ref.eps, ref.gamma_fn)
     with pytest.raises(ValueError, match='increases strictly'):
         pf_ode_logp(torch.zeros(4, D, dtype=F64), ref.eps, lambda t: (torch.zeros(D, dtype=F64), torch.zeros(D, dtype=F64)), variable='gamma')
+
+
+@pytest.mark.parametrize('level', [0, 16])
+def test_ode_and_elbo_are_finite_for_blank_images(small, level):
+    "All-0 and all-max images sit at the edge of [-1, 1]: the ODE and the ELBO stay finite."
+    x = torch.full((2, 1, 8, 8), level)
+    for divergence in ('exact', 'hutchinson'):
+        r = ode_bpd(small, x, 'truncnormal', divergence=divergence, generator=torch.Generator().manual_seed(0))
+        assert torch.isfinite(r.bpd).all() and (r.bpd > 0).all()
+    assert torch.isfinite(dense_elbo(small, x, n_t=4).bpd).all()
+
+
+# ---- the mulan_eval command ----
+import json
+from conftest import run_cli
+from mulan_nb.likelihood import eval_main
+from mulan_nb.training import model_from_checkpoint
+from mulan_nb.data import load_data
+
+
+def test_mulan_eval_elbo_is_dense_elbo_of_the_ema_weights(tiny_checkpoint, tmp_path):
+    code, err = run_cli(eval_main, [str(tiny_checkpoint), '--first', '6', '--n-t', '8', '--seed', '3', '--out', str(tmp_path / 'e.json')])
+    assert code == 0, err
+    res = json.loads((tmp_path / 'e.json').read_text())
+    model, _ = model_from_checkpoint(tiny_checkpoint)
+    torch.manual_seed(3)
+    direct = dense_elbo(model, load_data('digits', 'test').images[:6], n_t=8)
+    assert res['n_images'] == 6 and res['split'] == 'test' and res['weights'] == 'EMA'
+    assert math.isclose(res['bpd'], direct.mean, rel_tol=1e-6) and math.isclose(res['se'], direct.test_sem, rel_tol=1e-5)
+    assert torch.allclose(torch.tensor(res['per_image_bpd']), direct.bpd, atol=1e-5)
+
+
+def test_mulan_eval_ode_reports_nfe_and_matches_ode_bpd(tiny_checkpoint, tmp_path):
+    args = [str(tiny_checkpoint), '--method', 'ode', '--first', '2', '--ode-batch', '2', '--seed', '4', '--no-progress', '--out', str(tmp_path / 'o.json')]
+    code, err = run_cli(eval_main, args)
+    assert code == 0, err
+    res = json.loads((tmp_path / 'o.json').read_text())
+    model, _ = model_from_checkpoint(tiny_checkpoint)
+    torch.manual_seed(4)
+    direct = ode_bpd(model, load_data('digits', 'test').images[:2], divergence='hutchinson', generator=torch.Generator().manual_seed(4))
+    assert res['nfe'] == direct.nfe and res['nfe_mean'] > 10 and res['seconds_per_image'] > 0
+    assert torch.allclose(torch.tensor(res['per_image_bpd']), direct.bpd.float(), atol=1e-5)
+    assert 'PF-ODE' in res['estimator'] and res['options']['rtol'] == 1e-5
+
+
+@pytest.mark.parametrize('args, words', [
+    (['/nonexistent/checkpoint.pt'], 'checkpoint not found'),
+    (['CKPT', '--first', '-1'], '--first must be >= 0'),
+    (['CKPT', '--n-t', '0'], '--n-t must be >= 1'),
+    (['CKPT', '--batch-size', '0'], '--batch-size must be >= 1'),
+    (['CKPT', '--method', 'ode', '--n-samples', '0'], '--n-samples must be >= 1'),
+    (['CKPT', '--method', 'ode', '--ode-batch', '0'], '--ode-batch must be >= 1'),
+    (['CKPT', '--method', 'ode', '--rtol', '0'], '--rtol and --atol must be > 0'),
+    (['CKPT', '--method', 'exact'], "invalid choice: 'exact'"),
+    (['CKPT', '--divergence', 'trace'], "invalid choice: 'trace'"),
+    (['CKPT', '--data', 'nope'], "unknown data set 'nope'"),
+    (['CKPT', '--data', 'WRONGSHAPE'], 'the model wants 17 and (1, 8, 8)'),
+    (['CKPT', '--out', '/proc/no/such/result.json'], 'cannot write the result'),
+    (['CKPT', '--n-t', 'many'], 'invalid int'),
+])
+def test_mulan_eval_bad_input_exits_2_with_one_line(tiny_checkpoint, tmp_path, args, words):
+    import numpy as np
+    np.save(tmp_path / 'wrong.npy', np.zeros((10, 28, 28), dtype=np.uint8))
+    subst = {'CKPT': str(tiny_checkpoint), 'WRONGSHAPE': str(tmp_path / 'wrong.npy')}
+    code, err = run_cli(eval_main, [subst.get(a, a) for a in args])
+    assert code == 2 and err.count('\n') == 1 and words in err, err

@@ -9,12 +9,13 @@ What is tried here, besides tests/test_model.py and tests/test_training.py:
 - hypothesis: random valid model configs give finite per-example bounds of the right shape; random
   command-line integers are either accepted or refused with exit code 2 and one line.
 """
-import contextlib, io, math
+import math
 from pathlib import Path
 import pytest, torch
 from hypothesis import given, settings, strategies as st, HealthCheck
 from mulan_nb.model import MuLAN, MuLANConfig, SCHEDULES
-from mulan_nb.training import main, load_checkpoint, TrainConfig, train
+from conftest import run_cli as run_main_cli
+from mulan_nb.training import main, load_checkpoint, save_checkpoint, TrainConfig, train, CHECKPOINT_FORMAT
 
 SHAPE, M = (1, 4, 4), 6
 
@@ -66,12 +67,7 @@ def test_bound_and_gradients_finite_at_extreme_times_and_latents(preset, autocas
 TINY = dict(channels=8, n_blocks=1, encoder_channels=8, encoder_blocks=1)
 
 
-def run_cli(args):
-    err = io.StringIO()
-    with contextlib.redirect_stderr(err):
-        try: code = main(args)
-        except SystemExit as e: code = e.code
-    return code, err.getvalue()
+def run_cli(args): return run_main_cli(main, args)
 
 
 def test_non_finite_losses_are_skipped_counted_and_kept_out_of_checkpoints(tmp_path, monkeypatch):
@@ -118,7 +114,7 @@ def test_checkpoints_load_without_running_code(tmp_path):
     "A pickle that would run code on load is refused by weights_only loading."
     class Evil:
         def __reduce__(self): return (exec, ("open('%s', 'w').write('pwned')" % (tmp_path / 'pwned'),))
-    torch.save({'format': 'mulan_nb-checkpoint-1', 'evil': Evil()}, tmp_path / 'evil.pt')
+    torch.save({'format': CHECKPOINT_FORMAT, 'evil': Evil()}, tmp_path / 'evil.pt')
     with pytest.raises(ValueError, match='unreadable'):
         load_checkpoint(tmp_path / 'evil.pt')
     assert not (tmp_path / 'pwned').exists()
@@ -149,3 +145,12 @@ def test_random_command_line_integers_are_accepted_or_refused_in_one_line(tmp_pa
     ok = steps >= 1 and 1 <= batch <= 1498 and accum >= 1 and batch % accum == 0
     assert code == (0 if ok else 2), (code, err)
     if not ok: assert err.count('\n') == 1 and err.startswith('mulan_train: error:'), err
+
+
+def test_checkpoint_of_an_older_format_is_refused_by_name(tmp_path):
+    "Version-1 checkpoints were built with 8-bit γ_min and Fourier exponents whatever K: loading one must not silently change the model."
+    torch.save({'format': 'mulan_nb-checkpoint-1', 'step': 3}, tmp_path / 'old.pt')
+    with pytest.raises(ValueError, match="another version of mulan_nb .*'mulan_nb-checkpoint-1'"):
+        load_checkpoint(tmp_path / 'old.pt')
+    save_checkpoint(tmp_path / 'new.pt', {'step': 3})
+    assert load_checkpoint(tmp_path / 'new.pt')['step'] == 3

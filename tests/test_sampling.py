@@ -1,27 +1,12 @@
 "Integration: `mulan_sample` from a checkpoint, and its bad input."
-import contextlib, io
 import numpy as np
 import pytest
-from mulan_nb.training import main as train_main
 from mulan_nb.sampling import sample_main
-
-TINY = ['--no-progress', '--batch-size', '16', '--eval-every', '0', '--final-n-t', '1', '--samples', '0',
-        '--set', 'channels=8', 'n_blocks=1', 'encoder_channels=8', 'encoder_blocks=1']
+from conftest import run_cli as run
 
 
-def run(fn, args):
-    err = io.StringIO()
-    with contextlib.redirect_stderr(err):
-        try: code = fn(args)
-        except SystemExit as e: code = e.code
-    return code, err.getvalue()
-
-
-@pytest.fixture(scope='module')
-def checkpoint(tmp_path_factory):
-    out = tmp_path_factory.mktemp('run')
-    assert run(train_main, ['--out', str(out), '--steps', '3', *TINY])[0] == 0
-    return out / 'checkpoint.pt'
+@pytest.fixture
+def checkpoint(tiny_checkpoint): return tiny_checkpoint
 
 
 def test_samples_are_integer_levels_in_a_png_and_npz(checkpoint, tmp_path):
@@ -30,6 +15,13 @@ def test_samples_are_integer_levels_in_a_png_and_npz(checkpoint, tmp_path):
     data = np.load(tmp_path / 's.npz')
     assert data['samples'].shape == (6, 1, 8, 8) and data['samples'].max() < data['K'] == 17
     assert (tmp_path / 's.png').stat().st_size > 1000
+
+
+def test_ode_sampler_gives_integer_levels(checkpoint, tmp_path):
+    code, err = run(sample_main, [str(checkpoint), '--n', '3', '--sampler', 'ode', '--out', str(tmp_path / 'o')])
+    assert code == 0, err
+    data = np.load(tmp_path / 'o.npz')
+    assert data['samples'].shape == (3, 1, 8, 8) and data['samples'].max() < 17
 
 
 def test_same_seed_same_samples(checkpoint, tmp_path):
@@ -42,6 +34,7 @@ def test_same_seed_same_samples(checkpoint, tmp_path):
     (['CKPT', '--n', '0'], '--n and --steps must be >= 1'),
     (['CKPT', '--steps', '-2'], '--n and --steps must be >= 1'),
     (['CKPT', '--n', 'many'], 'invalid int'),
+    (['CKPT', '--sampler', 'ddim'], "invalid choice: 'ddim'"),
 ])
 def test_bad_input_exits_2_with_one_line(checkpoint, args, words):
     code, err = run(sample_main, [str(checkpoint) if a == 'CKPT' else a for a in args])

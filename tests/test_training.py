@@ -6,21 +6,17 @@ processes × accum; missing .npy file; missing torchvision root; unknown data se
 unknown model field in --set; model field out of range in --set; --resume without a checkpoint; resume with
 a checkpoint of another preset; an unknown precision; a non-integer step count.
 """
-import contextlib, io, os, random, signal, subprocess, sys, time
+import os, random, signal, subprocess, sys, time
 from pathlib import Path
 import pytest, torch
 from mulan_nb.training import main, load_checkpoint
+from conftest import run_cli
 
 TINY = ['--set', 'channels=8', 'n_blocks=1', 'encoder_channels=8', 'encoder_blocks=1',
         '--batch-size', '16', '--eval-every', '0', '--final-n-t', '1', '--samples', '0', '--no-progress', '--lr', '2e-3']
 
 
-def run_main(args):
-    err = io.StringIO()
-    with contextlib.redirect_stderr(err):
-        try: code = main(args)
-        except SystemExit as e: code = e.code
-    return code, err.getvalue()
+def run_main(args): return run_cli(main, args)
 
 
 @pytest.mark.parametrize('args, words', [
