@@ -44,6 +44,7 @@ def load_digits_levels(split:str='train', # 'train' or 'test'
 def _as_nchw(a:np.ndarray, name:str) -> Tensor:
     "An integer array N×H×W or N×C×H×W (channels first) as an int64 tensor N×C×H×W."
     if a.dtype.kind not in 'iu':
+        if a.dtype.kind == 'f' and not np.isfinite(a).all(): raise ValueError(f"{name}: images contain NaN or inf values")
         if a.dtype.kind == 'f' and np.all(np.mod(a, 1) == 0): a = a.astype(np.int64)
         else: raise ValueError(f"{name}: images must be integer levels, got dtype {a.dtype}")
     if a.ndim == 3: a = a[:, None]
@@ -65,7 +66,8 @@ def load_array_file(path:str|Path, # a .npy or .npz file
         if len(keys) != 1: raise ValueError(f"{path}: an .npz needs arrays 'train' and 'test', or exactly one array; found {sorted(keys)}")
         arrays = arrays[keys.pop()]
     images = _as_nchw(arrays, str(path))
-    n_test = max(1, len(images) // 10) if len(images) > 1 else 0
+    if len(images) < 2: raise ValueError(f"{path}: needs at least 2 images (the last 10% form the test split), got {len(images)}")
+    n_test = max(1, len(images) // 10)
     images = images[len(images) - n_test:] if split == 'test' else images[:len(images) - n_test]
     return ImageData(images, K or 256, f'{path.name}-{split}')
 

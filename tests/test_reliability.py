@@ -8,8 +8,28 @@ What is tried here, besides tests/test_model.py and tests/test_training.py:
 - a truncated checkpoint, a file that is not a checkpoint, and a checkpoint of another preset, for --resume;
 - hypothesis: random valid model configs give finite per-example bounds of the right shape; random
   command-line integers are either accepted or refused with exit code 2 and one line.
+
+Bad input tried across tests/ (97 distinct cases; library: a ValueError naming the problem; commands: exit
+code 2 and one line on stderr, no traceback):
+
+| where | cases | what |
+|---|---|---|
+| test_model: images | 9 | float dtype, wrong shape ×3, levels < 0 and ≥ K, empty batch, numpy input, ... |
+| test_model: latent | 3 | c of the wrong size for the schedule, the model, and a missing c |
+| test_model: config | 10 | unknown schedule / latent, K = 1, latent_k ≥ m, prediction, T < 0, dropout ≥ 1, ... |
+| test_model: preset | 1 | unknown preset (the known ones are listed) |
+| test_package | 1 | `check_levels` on bad levels |
+| test_training: `mulan_train` | 15 | unknown preset, steps 0, negative lr, batch > data set, batch not divisible, missing .npy, missing root, unknown data set, bad --set, config out of range, --resume without checkpoint, bad --precision, non-integer steps, unwritable output folder, resume from another preset |
+| test_reliability: data files | 9 | NaN, inf, fractional levels, empty, one image, N×D shape, levels ≥ K, negative levels, not a .npy |
+| test_reliability: checkpoints | 5 | truncated, not a checkpoint, another preset, a pickle that runs code, an older format |
+| test_sampling: `mulan_sample` | 5 | missing checkpoint, --n 0, --steps < 0, non-integer --n, unknown sampler |
+| test_sampling: `sample` | 8 | n 0, T 0, unsorted / not-from-0 / 2-D times, unknown sampler, latent of the wrong size, guidance without a null embedding |
+| test_likelihood: `ode_bpd` | 13 | dtype, shape, levels, unknown dequantization / divergence / variable / solver, n_samples 0, n_probes 0, rtol 0, ... |
+| test_likelihood: `dense_elbo`, `pf_ode_logp` | 5 | dtype, shape, n_t 0, batch_size 0; integer state |
+| test_likelihood: `mulan_eval` | 13 | missing checkpoint, --first < 0, --n-t 0, --batch-size 0, --n-samples 0, --ode-batch 0, --rtol 0, unknown method / divergence / data set, data of another shape, unwritable result, non-integer --n-t |
 """
 import math
+import numpy as np
 from pathlib import Path
 import pytest, torch
 from hypothesis import given, settings, strategies as st, HealthCheck
@@ -154,3 +174,29 @@ def test_checkpoint_of_an_older_format_is_refused_by_name(tmp_path):
         load_checkpoint(tmp_path / 'old.pt')
     save_checkpoint(tmp_path / 'new.pt', {'step': 3})
     assert load_checkpoint(tmp_path / 'new.pt')['step'] == 3
+
+
+BAD_ARRAYS = {
+    'nan': (lambda: np.full((20, 8, 8), np.nan, dtype=np.float32), 'NaN or inf'),
+    'inf': (lambda: np.where(np.eye(8)[None] > 0, np.inf, 0.).repeat(20, 0), 'NaN or inf'),
+    'fractional': (lambda: np.full((20, 8, 8), 0.5), 'integer levels'),
+    'empty': (lambda: np.zeros((0, 8, 8), dtype=np.uint8), 'at least 2 images'),
+    'one-image': (lambda: np.zeros((1, 8, 8), dtype=np.uint8), 'at least 2 images'),
+    'flat': (lambda: np.zeros((20, 64), dtype=np.uint8), 'N×H×W or N×C×H×W'),
+    'above-K': (lambda: np.full((20, 8, 8), 300), 'levels must lie in [0, 256)'),
+    'negative': (lambda: np.full((20, 8, 8), -1), 'levels must lie in [0, 256)'),
+}
+
+
+@pytest.mark.parametrize('name', list(BAD_ARRAYS))
+def test_bad_image_files_are_refused_in_one_line(tmp_path, name):
+    make, words = BAD_ARRAYS[name]
+    np.save(tmp_path / f'{name}.npy', make())
+    code, err = run_cli(['--data', str(tmp_path / f'{name}.npy'), '--out', str(tmp_path / 'run'), '--batch-size', '4', '--steps', '1', '--no-progress'])
+    assert code == 2 and err.count('\n') == 1 and words in err, err
+
+
+def test_a_file_that_is_not_numpy_is_refused_in_one_line(tmp_path):
+    (tmp_path / 'junk.npy').write_text('not an array')
+    code, err = run_cli(['--data', str(tmp_path / 'junk.npy'), '--out', str(tmp_path / 'run'), '--steps', '1', '--no-progress'])
+    assert code == 2 and err.count('\n') == 1 and 'could not read' in err, err

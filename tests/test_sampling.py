@@ -1,7 +1,9 @@
 "Integration: `mulan_sample` from a checkpoint, and its bad input."
 import numpy as np
 import pytest
-from mulan_nb.sampling import sample_main
+import torch
+from mulan_nb.model import MuLAN
+from mulan_nb.sampling import sample_main, sample
 from conftest import run_cli as run
 
 
@@ -39,3 +41,20 @@ def test_same_seed_same_samples(checkpoint, tmp_path):
 def test_bad_input_exits_2_with_one_line(checkpoint, args, words):
     code, err = run(sample_main, [str(checkpoint) if a == 'CKPT' else a for a in args])
     assert code == 2 and err.count('\n') == 1 and words in err, err
+
+
+@pytest.mark.parametrize('kw, words', [
+    (dict(n=0), 'n and T must be >= 1'),
+    (dict(T=0), 'n and T must be >= 1'),
+    (dict(times=torch.tensor([0., 0.7, 0.5, 1.])), 'increasing 1-D grid from 0 to 1'),
+    (dict(times=torch.tensor([0.1, 0.5, 1.])), 'increasing 1-D grid from 0 to 1'),
+    (dict(times=torch.tensor([[0., 1.]])), 'increasing 1-D grid from 0 to 1'),
+    (dict(sampler='ddim'), "unknown sampler 'ddim'"),
+    (dict(c=torch.zeros(4, 3)), 'latent c must have shape (4, 8)'),
+    (dict(guidance=1.0), 'no null noise embedding'),
+])
+def test_sample_names_bad_input(kw, words):
+    "The library function: a ValueError naming the problem (the model here has no null embedding, so guidance is refused)."
+    model = MuLAN.from_preset('digits-mulan', channels=8, n_blocks=1, encoder_channels=8, encoder_blocks=0).eval()
+    with pytest.raises(ValueError) as e: sample(model, **{'n': 4, 'T': 3, **kw})
+    assert words in str(e.value), e.value
