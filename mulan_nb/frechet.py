@@ -13,6 +13,7 @@ import torch
 from torch import nn, Tensor
 import torch.nn.functional as F
 from .data import load_data, ImageData
+from .diffusion import levels_to_data, check_levels
 
 # %% ../nbs/10_frechet.ipynb #b0fe08b8
 def _sqrtm_psd(a:Tensor) -> Tensor:
@@ -46,7 +47,6 @@ class FeatureNet(nn.Module):
     def features(self, x:Tensor) -> Tensor: return self.body(x)
     def forward(self, x:Tensor) -> Tensor: return self.head(self.features(x))
 
-def _scale(x:Tensor, K:int) -> Tensor: return 2 * (x.float() + 0.5) / K - 1
 
 def train_feature_net(train:ImageData, labels:Tensor, steps:int=1500, batch_size:int=128, seed:int=0) -> FeatureNet:
     "Train a `FeatureNet` classifier on integer images with integer labels."
@@ -56,7 +56,7 @@ def train_feature_net(train:ImageData, labels:Tensor, steps:int=1500, batch_size
     g = torch.Generator().manual_seed(seed)
     for step in range(steps):
         idx = torch.randint(0, len(train), (batch_size,), generator=g)
-        x = _scale(train.images[idx], train.K)
+        x = levels_to_data(train.images[idx], train.K)
         x = torch.roll(x, tuple(torch.randint(-1, 2, (2,), generator=g).tolist()), dims=(2, 3))   # light shift augmentation
         loss = F.cross_entropy(net(x), labels[idx])
         opt.zero_grad(); loss.backward(); opt.step()
@@ -65,12 +65,12 @@ def train_feature_net(train:ImageData, labels:Tensor, steps:int=1500, batch_size
 @torch.no_grad()
 def accuracy(net:FeatureNet, data:ImageData, labels:Tensor) -> float:
     "Classification accuracy on integer images."
-    return (net(_scale(data.images, data.K)).argmax(1) == labels).float().mean().item()
+    return (net(levels_to_data(data.images, data.K)).argmax(1) == labels).float().mean().item()
 
 @torch.no_grad()
 def features(net:FeatureNet, images:Tensor, K:int, batch_size:int=1024) -> Tensor:
     "Penultimate features (n, 128) of integer images."
-    return torch.cat([net.features(_scale(images[i:i + batch_size], K)) for i in range(0, len(images), batch_size)])
+    return torch.cat([net.features(levels_to_data(images[i:i + batch_size], K)) for i in range(0, len(images), batch_size)])
 
 # %% ../nbs/10_frechet.ipynb #f3bf8270
 def load_labels(name:str, split:str='train', root=None) -> Tensor:
@@ -111,6 +111,8 @@ class FrechetEvaluator:
 
     def __call__(self, images:Tensor) -> float:
         "Fréchet distance of integer images (n, *data_shape) to the test split."
+        check_levels(images, self.test_data.K, self.test_data.data_shape)
+        if len(images) < 2: raise ValueError(f"the Fréchet distance needs at least 2 images for a covariance, got {len(images)}")
         return frechet_distance(gaussian_stats(features(self.net, images, self.test_data.K)), self.test_stats)
 
     def floor(self) -> float:
