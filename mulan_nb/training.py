@@ -245,7 +245,8 @@ def train(cfg:TrainConfig, # the run
         model.load_state_dict(state['model']); ema.load_state_dict(state['ema']); opt.load_state_dict(state['optimizer'])
         step, nonfinite_total = state['step'], state['nonfinite_total']
         torch.set_rng_state(state['rng_cpu'])
-        if step >= cfg.steps: raise ValueError(f"checkpoint is already at step {step}; ask for more --steps than that to continue")
+        if step > cfg.steps: raise ValueError(f"checkpoint is at step {step}, beyond --steps {cfg.steps}; ask for at least {step} steps to continue")
+        # step == cfg.steps: a run killed after its last checkpoint; the loop is skipped and the final evaluation runs
     metrics = _read_jsonl(metrics_path, step) if rank == 0 else []
     if rank == 0:
         metrics_path.write_text(''.join(json.dumps(r) + '\n' for r in metrics))

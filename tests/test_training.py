@@ -6,7 +6,7 @@ processes × accum; missing .npy file; missing torchvision root; unknown data se
 unknown model field in --set; model field out of range in --set; --resume without a checkpoint; resume with
 a checkpoint of another preset; an unknown precision; a non-integer step count.
 """
-import os, random, signal, subprocess, sys, time
+import json, os, random, signal, subprocess, sys, time
 from pathlib import Path
 import pytest, torch
 from mulan_nb.training import main, load_checkpoint
@@ -82,6 +82,20 @@ def test_sigkill_and_resume_reach_the_same_parameters(tmp_path):
         diff = max_diff(ref, params(out / 'checkpoint.pt'))
         print(f'kill {i}: last checkpoint at step {killed_at}, max |Δθ| after resuming to 60: {diff:.2e}')
         assert diff <= 1e-6
+
+
+def test_a_run_killed_after_its_last_checkpoint_finishes_on_resume(tmp_path):
+    "Killed during the final evaluation: --resume with the same --steps evaluates and writes result.json; fewer steps is refused."
+    args = ['--out', str(tmp_path / 'run'), '--steps', '3', *TINY]
+    assert run_main(args)[0] == 0
+    first = json.loads((tmp_path / 'run' / 'result.json').read_text())
+    (tmp_path / 'run' / 'result.json').unlink()
+    code, err = run_main([*args, '--resume'])
+    assert code == 0, err
+    again = json.loads((tmp_path / 'run' / 'result.json').read_text())
+    assert again['steps'] == 3 and again['test_bpd'] == first['test_bpd']   # same weights, same seeded evaluation
+    code, err = run_main(['--out', str(tmp_path / 'run'), '--steps', '2', *TINY, '--resume'])
+    assert code == 2 and 'beyond --steps 2' in err, err
 
 
 def test_two_processes_match_one_with_the_same_global_batch(tmp_path):
