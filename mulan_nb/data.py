@@ -71,7 +71,7 @@ def load_array_file(path:str|Path, # a .npy or .npz file
     images = images[len(images) - n_test:] if split == 'test' else images[:len(images) - n_test]
     return ImageData(images, K or 256, f'{path.name}-{split}')
 
-# %% ../nbs/06_data.ipynb #eb7f2c86
+# %% ../nbs/06_data.ipynb #4f0964ed
 _TORCHVISION = {'mnist': ('MNIST', 'MNIST/raw/train-images-idx3-ubyte(.gz) and t10k-images-idx3-ubyte(.gz)'),
                 'cifar10': ('CIFAR10', 'cifar-10-batches-py/data_batch_1..5 and test_batch')}
 
@@ -89,7 +89,7 @@ def load_torchvision(name:str, # 'mnist' or 'cifar10'
     if data.ndim == 4: data = data.transpose(0, 3, 1, 2)   # CIFAR-10 is N×H×W×C
     return ImageData(torch.from_numpy(np.ascontiguousarray(data)), 256, f'{name}-{split}')
 
-# %% ../nbs/06_data.ipynb #d37ec1f6
+# %% ../nbs/06_data.ipynb #4e5e8712
 def load_data(name:str, # 'digits', 'mnist', 'cifar10', or a path to a .npy/.npz file
               split:str='train', # 'train' or 'test'
               root:str|Path|None=None, # folder for torchvision data sets
@@ -103,7 +103,7 @@ def load_data(name:str, # 'digits', 'mnist', 'cifar10', or a path to a .npy/.npz
     if str(name).endswith(('.npy', '.npz')): return load_array_file(name, split, K)
     raise ValueError(f"unknown data set {name!r}: use 'digits', 'mnist', 'cifar10' or a .npy/.npz file")
 
-# %% ../nbs/06_data.ipynb #52740fd9
+# %% ../nbs/06_data.ipynb #a73a7a5c
 def batch_indices(n_data:int, # size of the data set
                   batch_size:int, # images per (global) batch
                   step:int, # training step, from 0

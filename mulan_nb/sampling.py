@@ -78,7 +78,7 @@ def sample(model, # a `MuLAN` model (evaluated as it is: call `.eval()` first fo
     x = decoder_logprobs(z, g0, model.config.K).argmax(-1)
     return (x, z) if return_z0 else x
 
-# %% ../nbs/08_sampling.ipynb #339e92fd
+# %% ../nbs/08_sampling.ipynb #509378c3
 def sample_main(argv:list[str]|None=None) -> int:
     "Console entry point `mulan_sample`."
     import json, sys, time
