@@ -89,6 +89,7 @@ def sample_main(argv:list[str]|None=None) -> int:
     p.add_argument('checkpoint', help='checkpoint.pt written by mulan_train')
     p.add_argument('--n', type=int, default=64, help='number of samples')
     p.add_argument('--steps', type=int, default=100, help='ancestral steps T (uniform in t)')
+    p.add_argument('--optimised-times', action='store_true', help="ancestral steps on the grid that training optimised (mulan_train --optimise-times-every); T is the grid's")
     p.add_argument('--sampler', choices=SAMPLERS, default='ancestral', help="'ancestral' (T steps) or 'ode' (adaptive probability-flow ODE, rtol = atol = 1e-5)")
     p.add_argument('--seed', type=int, default=0)
     p.add_argument('--out', default=None, help='output prefix (default: next to the checkpoint, samples-T{steps})')
@@ -98,11 +99,15 @@ def sample_main(argv:list[str]|None=None) -> int:
     try:
         if a.n < 1 or a.steps < 1: raise ValueError(f"--n and --steps must be >= 1, got {a.n} and {a.steps}")
         model, state = model_from_checkpoint(a.checkpoint, ema=not a.raw, map_location=a.device)
+        times = None
+        if a.optimised_times:
+            if 'sampling_times' not in state: raise ValueError(f"{a.checkpoint} holds no optimised sampling grid: train with --optimise-times-every N")
+            times = state['sampling_times']['times'].to(a.device); a.steps = len(times) - 1
         prefix = Path(a.out) if a.out else Path(a.checkpoint).with_name(f'samples-T{a.steps}' if a.sampler == 'ancestral' else 'samples-ode')
         try: prefix.parent.mkdir(parents=True, exist_ok=True)
         except OSError as e: raise ValueError(f"output folder {prefix.parent} is not writable: {e.strerror}") from None
         t0 = time.perf_counter()
-        x = sample(model.eval(), a.n, T=a.steps, generator=torch.Generator(a.device).manual_seed(a.seed), sampler=a.sampler)
+        x = sample(model.eval(), a.n, T=a.steps, times=times, generator=torch.Generator(a.device).manual_seed(a.seed), sampler=a.sampler)
         seconds = time.perf_counter() - t0
         K = model.config.K
         np.savez_compressed(f'{prefix}.npz', samples=x.cpu().numpy().astype(np.uint8 if K <= 256 else np.int64), K=K, steps=a.steps, seed=a.seed)

@@ -47,16 +47,17 @@ class Schedule(nn.Module):
                ) -> tuple[Tensor, Tensor]:
         if not isinstance(t, Tensor) or t.ndim != 1 or not t.dtype.is_floating_point:
             raise ValueError(f"t must be a 1-D floating tensor of shape (B,), got {getattr(t, 'shape', type(t))}")
+        dtype = next(self.parameters(), t).dtype   # computed in the parameters' dtype, returned in t's
         if not self.conditioned: c = None
-        elif self.latent_dim == 0 or c is None: c = t.new_zeros(len(t), max(self.latent_dim, 1))
+        elif self.latent_dim == 0 or c is None: c = t.new_zeros(len(t), max(self.latent_dim, 1), dtype=dtype)
         elif c.shape != (len(t), self.latent_dim):
             raise ValueError(f"latent c must have shape (B, {self.latent_dim}) = ({len(t)}, {self.latent_dim}), got {tuple(c.shape)}")
-        else: c = c.to(t.dtype)
+        else: c = c.to(dtype)
         with torch.autocast(t.device.type, enabled=False):   # always full precision: bf16 would break the fixed ends
-            gamma, dgamma = self.gamma_and_slope(t, c)
+            gamma, dgamma = self.gamma_and_slope(t.to(dtype), c)
         if gamma.shape[1] > 1 and not self.multivariate: gamma, dgamma = gamma.mean(1, keepdim=True), dgamma.mean(1, keepdim=True)
         shape = (len(t), *self.data_shape) if gamma.shape[1] > 1 else (len(t),) + (1,) * len(self.data_shape)
-        return gamma.reshape(shape), dgamma.reshape(shape)
+        return gamma.reshape(shape).to(t.dtype), dgamma.reshape(shape).to(t.dtype)
 
 # %% ../nbs/02_schedules.ipynb #121882f3
 class LinearSchedule(Schedule):

@@ -53,6 +53,9 @@ class TrainConfig:
     compile: bool = False # torch.compile the model
     n_samples: int = 64 # samples drawn for the final picture
     sample_steps: int = 100 # ancestral steps for the final picture
+    optimise_times_every: int = 0 # steps between online updates of the T-step sampling grid (Algorithm 2 of score-optimal schedules); 0: off
+    optimise_times_warmup: int = 10 # updates that keep the uniform grid before blending starts
+    optimise_times_weight: float = 0.1 # blending weight of each update
 
     def __post_init__(self):
         def need(ok, msg):
@@ -69,6 +72,8 @@ class TrainConfig:
         need(self.max_nonfinite >= 1, f"max_nonfinite must be >= 1, got {self.max_nonfinite}")
         need(self.precision in ('fp32', 'bf16'), f"precision must be 'fp32' or 'bf16', got {self.precision!r}")
         need(self.n_samples >= 0 and self.sample_steps >= 1, "n_samples must be >= 0 and sample_steps >= 1")
+        need(self.optimise_times_every >= 0 and self.optimise_times_warmup >= 0 and 0 < self.optimise_times_weight <= 1,
+             "optimise_times_every and optimise_times_warmup must be >= 0, optimise_times_weight in (0, 1]")
         MuLANConfig(**{**PRESETS[self.preset], **self.model})   # unknown or out-of-range model fields fail here
 
     def model_config(self, data:ImageData|None=None) -> MuLANConfig:
@@ -239,12 +244,17 @@ def train(cfg:TrainConfig, # the run
     ema = copy.deepcopy(model).requires_grad_(False).eval()
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.99), eps=1e-8, weight_decay=cfg.weight_decay)
     step, nonfinite_run, nonfinite_total = 0, 0, 0
+    online = None
+    if cfg.optimise_times_every:
+        from mulan_nb.score_optimal import OnlineTimes   # a later notebook: imported only when asked for
+        online = OnlineTimes(cfg.sample_steps, cfg.optimise_times_weight, cfg.optimise_times_warmup)
     if resume:
         state = load_checkpoint(ckpt_path, map_location=device)
         if state['config'] != asdict(mcfg): raise ValueError(f"checkpoint {ckpt_path} is of another model (preset {state['train']['preset']!r}, config differs from --preset {cfg.preset!r})")
         model.load_state_dict(state['model']); ema.load_state_dict(state['ema']); opt.load_state_dict(state['optimizer'])
         step, nonfinite_total = state['step'], state['nonfinite_total']
         torch.set_rng_state(state['rng_cpu'])
+        if online and 'sampling_times' in state: online.load_state_dict(state['sampling_times'])
         if step > cfg.steps: raise ValueError(f"checkpoint is at step {step}, beyond --steps {cfg.steps}; ask for at least {step} steps to continue")
         # step == cfg.steps: a run killed after its last checkpoint; the loop is skipped and the final evaluation runs
     metrics = _read_jsonl(metrics_path, step) if rank == 0 else []
@@ -258,7 +268,8 @@ def train(cfg:TrainConfig, # the run
         if rank: return
         save_checkpoint(ckpt_path, dict(model=model.state_dict(), ema=ema.state_dict(), optimizer=opt.state_dict(), step=step,
                                         config=asdict(mcfg), train=asdict(cfg), nonfinite_total=nonfinite_total,
-                                        rng_cpu=torch.get_rng_state(), world_size=world))
+                                        rng_cpu=torch.get_rng_state(), world_size=world,
+                                        **({'sampling_times': online.state_dict()} if online else {})))
 
     def evaluate(n_t):
         torch.manual_seed(cfg.seed)   # the training steps seed themselves (shard_seed): this does not change them
@@ -293,6 +304,9 @@ def train(cfg:TrainConfig, # the run
             opt.step()
             ema_update(ema, model, ema_decay(step, cfg.ema))
         step += 1
+        if online and step % cfg.optimise_times_every == 0 and rank == 0:   # seeded by (seed, step): resumes exactly
+            torch.manual_seed(shard_seed(cfg.seed, step, -1))
+            online.update(ema, xtrain[idx[:128]], torch.Generator(device).manual_seed(shard_seed(cfg.seed, step, -2)))
         if rank == 0 and (step % cfg.log_every == 0 or step == cfg.steps):
             now = time.perf_counter()
             row = dict(kind='train', step=step, **{k: v for k, v in zip(('bpd', 'diffusion', 'recon', 'prior', 'latent'), (sums / cfg.batch_size).tolist())},
@@ -314,12 +328,14 @@ def train(cfg:TrainConfig, # the run
         plot_learning_curves(metrics, out / 'learning_curves.png')
         if cfg.n_samples:
             torch.manual_seed(cfg.seed)
-            xs = sample(ema, cfg.n_samples, T=cfg.sample_steps)
-            plot_samples(xs, mcfg.K, out / 'samples.png', f'{cfg.preset}: {cfg.n_samples} ancestral samples, T={cfg.sample_steps}, EMA, step {step}')
+            xs = sample(ema, cfg.n_samples, T=cfg.sample_steps, times=online.times if online else None)
+            grid = 'optimised grid' if online else 'uniform grid'
+            plot_samples(xs, mcfg.K, out / 'samples.png', f'{cfg.preset}: {cfg.n_samples} ancestral samples, T={cfg.sample_steps} ({grid}), EMA, step {step}')
         plot_schedules(ema, xtest[:3], out / 'schedules.png')
         result = dict(preset=cfg.preset, data=cfg.data, steps=step, test_bpd=final['bpd'], test_se=final['se'], estimator=final['estimator'],
                       nonfinite_skipped=nonfinite_total, parameters=parameter_counts(model), checkpoint=str(ckpt_path),
-                      pictures=[str(out / f) for f in ('learning_curves.png', 'samples.png', 'schedules.png') if (out / f).exists()])
+                      pictures=[str(out / f) for f in ('learning_curves.png', 'samples.png', 'schedules.png') if (out / f).exists()],
+                      **({'sampling_times': online.times.tolist()} if online else {}))
         (out / 'result.json').write_text(json.dumps(result, indent=1))
     if world > 1: dist.barrier()
     return result
@@ -372,6 +388,9 @@ def train_parser() -> argparse.ArgumentParser:
     p.add_argument('--tf32', action='store_true', help='allow TF32 on CUDA')
     p.add_argument('--compile', action='store_true', help='torch.compile the model')
     p.add_argument('--samples', dest='n_samples', type=int, default=d.n_samples)
+    p.add_argument('--optimise-times-every', type=int, default=d.optimise_times_every,
+                   help='steps between online updates of the sampling grid (score-optimal Algorithm 2; stored in the checkpoint); 0: off')
+    p.add_argument('--optimise-times-warmup', type=int, default=d.optimise_times_warmup, help='updates before the grid starts to move')
     p.add_argument('--no-progress', action='store_true')
     return p
 

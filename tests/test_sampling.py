@@ -37,6 +37,7 @@ def test_same_seed_same_samples(checkpoint, tmp_path):
     (['CKPT', '--steps', '-2'], '--n and --steps must be >= 1'),
     (['CKPT', '--n', 'many'], 'invalid int'),
     (['CKPT', '--sampler', 'ddim'], "invalid choice: 'ddim'"),
+    (['CKPT', '--optimised-times'], 'holds no optimised sampling grid'),
 ])
 def test_bad_input_exits_2_with_one_line(checkpoint, args, words):
     code, err = run(sample_main, [str(checkpoint) if a == 'CKPT' else a for a in args])

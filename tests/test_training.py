@@ -109,3 +109,21 @@ def test_two_processes_match_one_with_the_same_global_batch(tmp_path):
     diff = max_diff(params(tmp_path / 'single' / 'checkpoint.pt'), params(tmp_path / 'ddp' / 'checkpoint.pt'))
     print(f'2 processes vs 1 process with accum=2: max |Δθ| = {diff:.2e}')
     assert diff <= 1e-5
+
+
+def test_online_sampling_grid_is_optimised_stored_and_resumed(tmp_path):
+    "Algorithm 2 as a training option: the grid moves after the warm-up, stays a valid grid, and a resumed run reaches the same grid."
+    grid_args = ['--optimise-times-every', '2', '--optimise-times-warmup', '1', '--samples', '4']
+    code, err = run_main(['--out', str(tmp_path / 'a'), '--steps', '6', *TINY, *grid_args])
+    assert code == 0, err
+    state = load_checkpoint(tmp_path / 'a' / 'checkpoint.pt')['sampling_times']
+    times = state['times']
+    assert state['n_updates'] == 3 and len(times) == 101 and times[0] == 0 and times[-1] == 1 and (times.diff() > 0).all()
+    assert (times - torch.linspace(0, 1, 101)).abs().max() > 1e-3   # it moved
+    assert run_main(['--out', str(tmp_path / 'b'), '--steps', '4', *TINY, *grid_args, '--ckpt-every', '4'])[0] == 0
+    assert run_main(['--out', str(tmp_path / 'b'), '--steps', '6', *TINY, *grid_args, '--resume'])[0] == 0
+    resumed = load_checkpoint(tmp_path / 'b' / 'checkpoint.pt')['sampling_times']
+    assert resumed['n_updates'] == 3 and torch.allclose(resumed['times'], times, atol=1e-6)
+    from mulan_nb.sampling import sample_main
+    code, err = run_cli(sample_main, [str(tmp_path / 'a' / 'checkpoint.pt'), '--optimised-times', '--n', '3', '--out', str(tmp_path / 's')])
+    assert code == 0 and (tmp_path / 's.npz').exists(), err
