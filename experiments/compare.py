@@ -10,8 +10,8 @@ nbs/13_experiments.ipynb reads it and draws the figures.
 
 Test bpd: dense NELBO with 128 stratified draws of (t, ε, c) per test image, EMA weights (the final evaluation
 of `train`); the spread reported is the standard error over seeds. Curves: the periodic evaluation of `train`
-(`--eval-n-t` draws per test image). ODE: `ode_bpd` (uniform dequantization, Hutchinson divergence with one
-probe, dopri5 at rtol = atol = 1e-5, float64 state) on the first `--ode-images` test images of each seed,
+(`--eval-n-t` draws per test image). ODE: `ode_bpd` (truncated-normal dequantization importance-weighted over
+`--ode-samples`, Hutchinson divergence with one probe, dopri5 at rtol = atol = 1e-5, float64 state) on the first `--ode-images` test images of each seed,
 next to the dense ELBO of the same images.
 """
 import argparse, json, math, os, sys, time
@@ -62,13 +62,13 @@ def run_one(job):
                   terms={k: final[k] for k in ('diffusion_bpd', 'recon_bpd', 'prior_bpd', 'latent_bpd')},
                   curve=curve, parameters=result['parameters']['total'], train_seconds=time.perf_counter() - t0)
     if a['ode_images'] and name in a['ode_configs']:
-        ode_path = out / f"ode-{a['ode_images']}.json"
+        ode_path = out / f"ode-truncnormal{a['ode_samples']}-{a['ode_images']}.json"
         if not ode_path.exists():
             model, _ = model_from_checkpoint(out / 'checkpoint.pt')
             x = load_data(a['data'], 'test', None, a['levels']).images[:a['ode_images']]
             t1 = time.perf_counter()
             torch.manual_seed(seed)
-            r = ode_bpd(model, x, divergence='hutchinson', generator=torch.Generator().manual_seed(seed))
+            r = ode_bpd(model, x, 'truncnormal', a['ode_samples'], divergence='hutchinson', generator=torch.Generator().manual_seed(seed))
             ode_seconds = time.perf_counter() - t1
             torch.manual_seed(seed)
             e = dense_elbo(model, x, n_t=128)
@@ -134,7 +134,7 @@ def summarise(records, a):
 
 def markdown(summary):
     a = summary['settings']
-    lines = [f"Data {a['data']}, {a['steps']} steps, batch {a['batch_size']}, seeds {a['seeds']}; test bpd = dense NELBO, 128 draws per test image, EMA weights, mean ± standard error over seeds.", '',
+    lines = [f"Data {a['data']}, {a['steps']} steps, batch {a['batch_size']}, seeds {a['seeds']} ({summary['runs_done']} of {summary['runs_planned']} runs done); test bpd = dense NELBO, 128 draws per test image, EMA weights, mean ± standard error over the seeds done.", '',
              '| configuration | what | test bpd (ELBO) | per seed | ODE bpd (first %d test images) | ELBO, same images | NFE | params |' % a['ode_images'],
              '|---|---|---|---|---|---|---|---|']
     for r in summary['rows']:
@@ -155,7 +155,8 @@ def main(argv=None):
     p.add_argument('--seeds', type=int, nargs='*', default=[0, 1, 2])
     p.add_argument('--steps', type=int, default=1000); p.add_argument('--batch-size', type=int, default=64)
     p.add_argument('--eval-every', type=int, default=100); p.add_argument('--eval-n-t', type=int, default=8)
-    p.add_argument('--ode-images', type=int, default=5, help='test images per seed for the ODE (0: none)')
+    p.add_argument('--ode-images', type=int, default=3, help='test images per seed for the ODE (0: none)')
+    p.add_argument('--ode-samples', type=int, default=2, help='truncated-normal dequantization samples per image (importance weighted)')
     p.add_argument('--ode-configs', nargs='*', default=['vdm-scalar', 'mulan'])
     p.add_argument('--jobs', type=int, default=1, help='runs in parallel (one thread each)')
     p.add_argument('--runs', default='experiments/runs', help='folder of the runs (checkpoints, metrics)')
@@ -165,18 +166,23 @@ def main(argv=None):
     if unknown: p.error(f"unknown configs {sorted(unknown)}: choose from {list(CONFIGS)}")
     t0 = time.perf_counter()
     jobs = [(name, seed, a) for seed in a['seeds'] for name in a['configs']]
+    out = Path(a['results']); out.mkdir(parents=True, exist_ok=True)
+    name = Path(a['data']).stem
+    def write(records):   # after every finished run, so that a killed sweep still leaves its summary so far
+        summary = summarise(records, a)
+        summary.update(wall_seconds=time.perf_counter() - t0, runs_done=len(records), runs_planned=len(jobs))
+        (out / f'{name}.json').write_text(json.dumps(summary, indent=1))
+        (out / f'{name}.md').write_text(markdown(summary))
+        return summary
     with ProcessPoolExecutor(a['jobs']) as pool:
         records = []
         for r in pool.map(run_one, jobs):
             records.append(r)
             print(f"{r['config']:24s} seed {r['seed']}: test bpd {r['test_bpd']:.4f} ± {r['test_se']:.4f} ({r['train_seconds']:.0f} s)", flush=True)
-    summary = summarise(records, a)
-    summary['wall_seconds'] = time.perf_counter() - t0
-    out = Path(a['results']); out.mkdir(parents=True, exist_ok=True)
-    name = Path(a['data']).stem
-    if 'mulan' in a['configs']: save_gamma_maps(Path(a['runs']) / f"mulan-s{a['seeds'][0]}" / 'checkpoint.pt', a, out / f'{name}-gamma-maps.npz')
-    (out / f'{name}.json').write_text(json.dumps(summary, indent=1))
-    (out / f'{name}.md').write_text(markdown(summary))
+            write(records)
+            if r['config'] == 'mulan' and r['seed'] == a['seeds'][0]:
+                save_gamma_maps(Path(a['runs']) / f"mulan-s{r['seed']}" / 'checkpoint.pt', a, out / f'{name}-gamma-maps.npz')
+    summary = write(records)
     print(markdown(summary)); print(f"{len(records)} runs in {summary['wall_seconds']:.0f} s; {out / name}.json")
 
 

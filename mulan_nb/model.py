@@ -136,6 +136,8 @@ class MuLAN(nn.Module):
                     guidance:float|None=None, # noise-awareness guidance weight w (needs noise_dropout > 0); None: one plain pass
                    ) -> Tensor:
         "ε̂(z_t; γ_t, c), converting from v̂ when the model predicts v; with guidance `out + w (out - out(∅))` on the raw output."
+        if guidance is not None and self.denoiser.null_noise is None:
+            raise ValueError("guidance needs a model trained with noise-condition dropout (noise_dropout > 0, e.g. mulan_train --set noise_dropout=0.1)")
         out = self.denoiser(z, gamma, c, drop_noise)
         if guidance is not None:   # a second pass of the same batch size, so that w = 0 reproduces the unguided output exactly
             out = out + guidance * (out - self.denoiser(z, gamma, c, torch.ones(len(z), dtype=torch.bool, device=z.device)))

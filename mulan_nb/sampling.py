@@ -6,6 +6,7 @@
 __all__ = ['SAMPLERS', 'ancestral_step', 'ode_sample_z0', 'sample', 'sample_main']
 
 # %% ../nbs/08_sampling.ipynb #2b6f4ead
+import math
 import torch
 from torch import Tensor
 from torchdiffeq import odeint
@@ -56,10 +57,14 @@ def sample(model, # a `MuLAN` model (evaluated as it is: call `.eval()` first fo
            guidance:float|None=None, # noise-awareness guidance weight w (two network passes per step); None: unguided
            sampler:str='ancestral', # 'ancestral' (T steps on `times`) or 'ode' (adaptive probability-flow ODE; T and times unused)
            rtol:float=1e-5, atol:float=1e-5, # ODE sampler tolerances
+           states:list|None=None, # ancestral only: if a list, z_t at every grid time from t = 1 down to t = 0 is appended to it
           ):
     "Samples as integer levels, shape (n, *data_shape): ancestral steps or the probability-flow ODE, then the decoder's most likely level."
     if sampler not in SAMPLERS: raise ValueError(f"unknown sampler {sampler!r}: choose one of {SAMPLERS}")
     if n < 1 or T < 1: raise ValueError(f"n and T must be >= 1, got n={n}, T={T}")
+    if guidance is not None and not (isinstance(guidance, (int, float)) and math.isfinite(guidance)):
+        raise ValueError(f"guidance must be a finite number (or None), got {guidance!r}")
+    if states is not None and sampler != 'ancestral': raise ValueError("states are recorded by the ancestral sampler only")
     device = next(model.parameters()).device
     times = torch.linspace(0, 1, T + 1, device=device) if times is None else times.to(device)
     if times.ndim != 1 or len(times) < 2 or not (times.diff() > 0).all() or times[0] != 0 or times[-1] != 1:
@@ -70,10 +75,12 @@ def sample(model, # a `MuLAN` model (evaluated as it is: call `.eval()` first fo
     z = randn()
     if sampler == 'ode': z, _ = ode_sample_z0(model, z, c, rtol, atol, guidance=guidance)
     else:
+        if states is not None: states.append(z)
         for t, s in zip(times.flip(0)[:-1], times.flip(0)[1:]):
             g, _ = model.gamma(torch.stack([t, s]).repeat_interleave(n), None if c is None else c.repeat(2, 1))
             g_t, g_s = g.chunk(2)
             z = ancestral_step(z, model.predict_eps(z, g_t, c, guidance=guidance), g_t, g_s, randn())
+            if states is not None: states.append(z)
     g0, _ = model.gamma(torch.zeros(n, device=device), c)
     x = decoder_logprobs(z, g0, model.config.K).argmax(-1)
     return (x, z) if return_z0 else x

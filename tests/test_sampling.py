@@ -52,7 +52,8 @@ def test_bad_input_exits_2_with_one_line(checkpoint, args, words):
     (dict(times=torch.tensor([[0., 1.]])), 'increasing 1-D grid from 0 to 1'),
     (dict(sampler='ddim'), "unknown sampler 'ddim'"),
     (dict(c=torch.zeros(4, 3)), 'latent c must have shape (4, 8)'),
-    (dict(guidance=1.0), 'no null noise embedding'),
+    (dict(guidance=1.0), 'noise-condition dropout'),
+    (dict(guidance=float('nan')), 'finite number'),
 ])
 def test_sample_names_bad_input(kw, words):
     "The library function: a ValueError naming the problem (the model here has no null embedding, so guidance is refused)."
