@@ -68,11 +68,14 @@ def run_one(job):
             x = load_data(a['data'], 'test', None, a['levels']).images[:a['ode_images']]
             t1 = time.perf_counter()
             torch.manual_seed(seed)
-            r = ode_bpd(model, x, 'truncnormal', a['ode_samples'], divergence='hutchinson', generator=torch.Generator().manual_seed(seed))
+            try: r = ode_bpd(model, x, 'truncnormal', a['ode_samples'], divergence='hutchinson', generator=torch.Generator().manual_seed(seed))
+            except ValueError:   # a learned γ(0) (VDM's scalar schedule) can leave σ_0 too wide for the bins: uniform is always valid
+                r = ode_bpd(model, x, 'uniform', a['ode_samples'], divergence='hutchinson', generator=torch.Generator().manual_seed(seed))
             ode_seconds = time.perf_counter() - t1
             torch.manual_seed(seed)
             e = dense_elbo(model, x, n_t=128)
-            ode_path.write_text(json.dumps(dict(ode=r.bpd.tolist(), elbo=e.bpd.tolist(), nfe=r.nfe, seconds=ode_seconds, note=r.note)))
+            ode_path.write_text(json.dumps(dict(ode=r.bpd.tolist(), elbo=e.bpd.tolist(), nfe=r.nfe, seconds=ode_seconds, note=r.note,
+                                                dequantization='truncnormal' if 'truncnormal' in r.note else 'uniform')))
         record['ode'] = json.loads(ode_path.read_text())
     return record
 
@@ -122,6 +125,7 @@ def summarise(records, a):
             row['elbo_same_images'], _ = mean_se([sum(o['elbo']) / len(o['elbo']) for o in odes])
             row['ode_nfe_mean'] = sum(n for o in odes for n in o['nfe']) / sum(len(o['nfe']) for o in odes)
             row['ode_seconds_per_image'] = sum(o['seconds'] for o in odes) / sum(len(o['ode']) for o in odes)
+            row['ode_dequantization'] = sorted({o.get('dequantization', 'uniform') for o in odes})
         rows[name] = row
     ratio = None
     if 'mulan' in rows and 'vdm-scalar' in rows:
@@ -138,7 +142,7 @@ def markdown(summary):
              '| configuration | what | test bpd (ELBO) | per seed | ODE bpd (first %d test images) | ELBO, same images | NFE | params |' % a['ode_images'],
              '|---|---|---|---|---|---|---|---|']
     for r in summary['rows']:
-        ode = f"{r['ode_bpd']:.3f} ± {r['ode_se']:.3f}" if 'ode_bpd' in r else ''
+        ode = f"{r['ode_bpd']:.3f} ± {r['ode_se']:.3f} ({'/'.join(r['ode_dequantization'])})" if 'ode_bpd' in r else ''
         same = f"{r['elbo_same_images']:.3f}" if 'ode_bpd' in r else ''
         nfe = f"{r['ode_nfe_mean']:.0f}" if 'ode_bpd' in r else ''
         lines.append(f"| {r['config']} | {r['what']} | {r['test_bpd']:.3f} ± {r['se_over_seeds']:.3f} | {', '.join(f'{v:.3f}' for v in r['per_seed'])} | {ode} | {same} | {nfe} | {r['parameters'] / 1e6:.2f}M |")
