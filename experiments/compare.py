@@ -125,7 +125,7 @@ def summarise(records, a):
             row['elbo_same_images'], _ = mean_se([sum(o['elbo']) / len(o['elbo']) for o in odes])
             row['ode_nfe_mean'] = sum(n for o in odes for n in o['nfe']) / sum(len(o['nfe']) for o in odes)
             row['ode_seconds_per_image'] = sum(o['seconds'] for o in odes) / sum(len(o['ode']) for o in odes)
-            row['ode_dequantization'] = sorted({o.get('dequantization', 'uniform') for o in odes})
+            row['ode_dequantization'] = sorted({o.get('dequantization') or ('truncnormal' if 'truncnormal' in o['note'] else 'uniform') for o in odes})
         rows[name] = row
     ratio = None
     if 'mulan' in rows and 'vdm-scalar' in rows:

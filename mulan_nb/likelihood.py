@@ -237,7 +237,9 @@ def dequantize(x: Tensor, # integer images, shape (B, *data_shape)
         h, log_pu = alpha0 / K, torch.full(shape, -math.log(2), dtype=dtype)
     else:
         if (3 * sigma0 > alpha0 / K).any():
-            raise ValueError(f"truncnormal dequantization needs 3 σ_0 <= α_0 / K so that the noise stays in the level's bin; got 3 σ_0 = {3 * sigma0.max().item():.3g} > 1/K = {1 / K:.3g}")
+            i = (3 * sigma0 - alpha0 / K).argmax()
+            raise ValueError(f"truncnormal dequantization needs 3 σ_0 <= α_0 / K so that the noise stays in the level's bin; got 3 σ_0 = "
+                             f"{3 * sigma0.flatten()[i].item():.3g} > α_0 / K = {alpha0.flatten()[i].item() / K:.3g} (γ(0) too high: use 'uniform')")
         lo = torch.special.ndtr(torch.tensor(-3., dtype=dtype))
         u = torch.special.ndtri(lo + (1 - 2 * lo) * torch.rand(shape, generator=generator, dtype=dtype, device=x.device))
         h, log_pu = sigma0, -0.5 * u**2 - 0.5 * math.log(2 * math.pi) - torch.log1p(-2 * lo)
