@@ -11,7 +11,7 @@ nbs/13_experiments.ipynb reads it and draws the figures.
 Test bpd: dense NELBO with 128 stratified draws of (t, ε, c) per test image, EMA weights (the final evaluation
 of `train`); the spread reported is the standard error over seeds. Curves: the periodic evaluation of `train`
 (`--eval-n-t` draws per test image). ODE: `ode_bpd` (truncated-normal dequantization importance-weighted over
-`--ode-samples`, Hutchinson divergence with one probe, dopri5 at rtol = atol = 1e-5, float64 state) on the first `--ode-images` test images of each seed,
+`--ode-samples`, cut at 3σ_0 or at the bin's edges; Hutchinson divergence with one probe, dopri5 at rtol = atol = 1e-5, float64 state) on the first `--ode-images` test images of each seed,
 next to the dense ELBO of the same images.
 """
 import argparse, json, math, os, sys, time
@@ -58,9 +58,11 @@ def run_one(job):
     evals = [m for m in metrics if m.get('kind') == 'eval']
     curve = [(m['step'], m['bpd']) for m in evals if m['n_t'] == a['eval_n_t']]
     final = evals[-1]   # the dense ELBO at the end (128 draws per image)
+    trains = [m for m in metrics if m.get('kind') == 'train']   # logged every few steps with the rate since the last log
     record = dict(config=name, seed=seed, preset=preset, overrides=overrides, test_bpd=result['test_bpd'], test_se=result['test_se'],
                   terms={k: final[k] for k in ('diffusion_bpd', 'recon_bpd', 'prior_bpd', 'latent_bpd')},
-                  curve=curve, parameters=result['parameters']['total'], train_seconds=time.perf_counter() - t0)
+                  curve=curve, parameters=result['parameters']['total'],
+                  train_step_seconds=sum((m['step'] - prev) / m['steps_per_s'] for prev, m in zip([0] + [m['step'] for m in trains], trains)))
     if a['ode_images'] and name in a['ode_configs']:
         ode_path = out / f"ode-truncnormal{a['ode_samples']}-{a['ode_images']}.json"
         if not ode_path.exists():
@@ -68,15 +70,13 @@ def run_one(job):
             x = load_data(a['data'], 'test', None, a['levels']).images[:a['ode_images']]
             t1 = time.perf_counter()
             torch.manual_seed(seed)
-            try: r = ode_bpd(model, x, 'truncnormal', a['ode_samples'], divergence='hutchinson', generator=torch.Generator().manual_seed(seed))
-            except ValueError:   # a learned γ(0) (VDM's scalar schedule) can leave σ_0 too wide for the bins: uniform is always valid
-                r = ode_bpd(model, x, 'uniform', a['ode_samples'], divergence='hutchinson', generator=torch.Generator().manual_seed(seed))
+            r = ode_bpd(model, x, 'truncnormal', a['ode_samples'], divergence='hutchinson', generator=torch.Generator().manual_seed(seed))
             ode_seconds = time.perf_counter() - t1
             torch.manual_seed(seed)
             e = dense_elbo(model, x, n_t=128)
-            ode_path.write_text(json.dumps(dict(ode=r.bpd.tolist(), elbo=e.bpd.tolist(), nfe=r.nfe, seconds=ode_seconds, note=r.note,
-                                                dequantization='truncnormal' if 'truncnormal' in r.note else 'uniform')))
+            ode_path.write_text(json.dumps(dict(ode=r.bpd.tolist(), elbo=e.bpd.tolist(), nfe=r.nfe, seconds=ode_seconds, note=r.note)))
         record['ode'] = json.loads(ode_path.read_text())
+    record['seconds_this_call'] = time.perf_counter() - t0   # training (unless done before) and ODE (unless done before)
     return record
 
 
@@ -121,11 +121,13 @@ def summarise(records, a):
                    per_seed=[r['test_bpd'] for r in rs], mean_curve=curve, parameters=rs[0]['parameters'])
         odes = [r['ode'] for r in rs if 'ode' in r]
         if odes:
-            row['ode_bpd'], row['ode_se'] = mean_se([sum(o['ode']) / len(o['ode']) for o in odes])
-            row['elbo_same_images'], _ = mean_se([sum(o['elbo']) / len(o['elbo']) for o in odes])
+            row['ode_per_seed'] = [sum(o['ode']) / len(o['ode']) for o in odes]
+            row['elbo_same_images_per_seed'] = [sum(o['elbo']) / len(o['elbo']) for o in odes]
+            row['ode_bpd'], row['ode_se'] = mean_se(row['ode_per_seed'])
+            row['elbo_same_images'], _ = mean_se(row['elbo_same_images_per_seed'])
+            row['ode_minus_elbo'], row['ode_minus_elbo_se'] = mean_se([o - e for o, e in zip(row['ode_per_seed'], row['elbo_same_images_per_seed'])])
             row['ode_nfe_mean'] = sum(n for o in odes for n in o['nfe']) / sum(len(o['nfe']) for o in odes)
             row['ode_seconds_per_image'] = sum(o['seconds'] for o in odes) / sum(len(o['ode']) for o in odes)
-            row['ode_dequantization'] = sorted({o.get('dequantization') or ('truncnormal' if 'truncnormal' in o['note'] else 'uniform') for o in odes})
         rows[name] = row
     ratio = None
     if 'mulan' in rows and 'vdm-scalar' in rows:
@@ -133,19 +135,22 @@ def summarise(records, a):
         reach = steps_to_reach(rows['mulan']['mean_curve'], target)
         ratio = dict(vdm_final_curve_bpd=target, vdm_steps=a['steps'], mulan_steps_to_reach=reach,
                      ratio=None if reach is None else reach / a['steps'])
-    return dict(settings=a, rows=list(rows.values()), steps_ratio=ratio)
+    compute = dict(train_step_hours=sum(r['train_step_seconds'] for r in records) / 3600,
+                   ode_hours=sum(r['ode']['seconds'] for r in records if 'ode' in r) / 3600)
+    return dict(settings=a, rows=list(rows.values()), steps_ratio=ratio, compute=compute)
 
 
 def markdown(summary):
     a = summary['settings']
     lines = [f"Data {a['data']}, {a['steps']} steps, batch {a['batch_size']}, seeds {a['seeds']} ({summary['runs_done']} of {summary['runs_planned']} runs done); test bpd = dense NELBO, 128 draws per test image, EMA weights, mean ± standard error over the seeds done.", '',
-             '| configuration | what | test bpd (ELBO) | per seed | ODE bpd (first %d test images) | ELBO, same images | NFE | params |' % a['ode_images'],
-             '|---|---|---|---|---|---|---|---|']
+             '| configuration | what | test bpd (ELBO) | per seed | ODE bpd (first %d test images, truncated normal ×%d) | ELBO, same images | ODE − ELBO | NFE | params |' % (a['ode_images'], a['ode_samples']),
+             '|---|---|---|---|---|---|---|---|---|']
     for r in summary['rows']:
-        ode = f"{r['ode_bpd']:.3f} ± {r['ode_se']:.3f} ({'/'.join(r['ode_dequantization'])})" if 'ode_bpd' in r else ''
+        ode = f"{r['ode_bpd']:.3f} ± {r['ode_se']:.3f}" if 'ode_bpd' in r else ''
         same = f"{r['elbo_same_images']:.3f}" if 'ode_bpd' in r else ''
+        diff = f"{r['ode_minus_elbo']:+.3f} ± {r['ode_minus_elbo_se']:.3f}" if 'ode_bpd' in r else ''
         nfe = f"{r['ode_nfe_mean']:.0f}" if 'ode_bpd' in r else ''
-        lines.append(f"| {r['config']} | {r['what']} | {r['test_bpd']:.3f} ± {r['se_over_seeds']:.3f} | {', '.join(f'{v:.3f}' for v in r['per_seed'])} | {ode} | {same} | {nfe} | {r['parameters'] / 1e6:.2f}M |")
+        lines.append(f"| {r['config']} | {r['what']} | {r['test_bpd']:.3f} ± {r['se_over_seeds']:.3f} | {', '.join(f'{v:.3f}' for v in r['per_seed'])} | {ode} | {same} | {diff} | {nfe} | {r['parameters'] / 1e6:.2f}M |")
     s = summary['steps_ratio']
     if s: lines += ['', f"Steps MuLAN needs to reach VDM's final periodic test bpd ({s['vdm_final_curve_bpd']:.3f} at {s['vdm_steps']} steps): "
                     + (f"{s['mulan_steps_to_reach']:.0f} (ratio {s['ratio']:.2f})" if s['ratio'] is not None else 'not reached')]
@@ -159,9 +164,9 @@ def main(argv=None):
     p.add_argument('--seeds', type=int, nargs='*', default=[0, 1, 2])
     p.add_argument('--steps', type=int, default=1000); p.add_argument('--batch-size', type=int, default=64)
     p.add_argument('--eval-every', type=int, default=100); p.add_argument('--eval-n-t', type=int, default=8)
-    p.add_argument('--ode-images', type=int, default=3, help='test images per seed for the ODE (0: none)')
+    p.add_argument('--ode-images', type=int, default=10, help='test images per seed for the ODE (0: none)')
     p.add_argument('--ode-samples', type=int, default=2, help='truncated-normal dequantization samples per image (importance weighted)')
-    p.add_argument('--ode-configs', nargs='*', default=['vdm-scalar', 'mulan'])
+    p.add_argument('--ode-configs', nargs='*', default=list(CONFIGS), help='configurations whose runs also get the ODE bpd')
     p.add_argument('--jobs', type=int, default=1, help='runs in parallel (one thread each)')
     p.add_argument('--runs', default='experiments/runs', help='folder of the runs (checkpoints, metrics)')
     p.add_argument('--results', default='experiments/results', help='folder of the summary (JSON, Markdown)')
@@ -182,7 +187,7 @@ def main(argv=None):
         records = []
         for r in pool.map(run_one, jobs):
             records.append(r)
-            print(f"{r['config']:24s} seed {r['seed']}: test bpd {r['test_bpd']:.4f} ± {r['test_se']:.4f} ({r['train_seconds']:.0f} s)", flush=True)
+            print(f"{r['config']:24s} seed {r['seed']}: test bpd {r['test_bpd']:.4f} ± {r['test_se']:.4f} ({r['seconds_this_call']:.0f} s)", flush=True)
             write(records)
             if r['config'] == 'mulan' and r['seed'] == a['seeds'][0]:
                 save_gamma_maps(Path(a['runs']) / f"mulan-s{r['seed']}" / 'checkpoint.pt', a, out / f'{name}-gamma-maps.npz')

@@ -28,8 +28,8 @@ def sample_trajectory(model, # a `MuLAN` model (call `.eval()` first)
     "`sample`, keeping the states: (levels (n, *data_shape), states z_t (T+1, n, *data_shape) from z_1 to z_0, their nominal times (T+1,) from 1 to 0)."
     states = []
     x = sample(model, n, T, times, c, generator, guidance=guidance, states=states)
-    grid = torch.linspace(0, 1, T + 1) if times is None else times
-    return x, torch.stack(states), grid.to(states[0].device).flip(0)
+    ts, zs = zip(*states)
+    return x, torch.stack(zs), torch.stack(ts)
 
 # %% ../nbs/12_noise_guidance.ipynb #5edfe761
 class NoiseLevelRegressor(nn.Module):

@@ -40,7 +40,7 @@ class LatentEncoder(nn.Module):
 class NoLatent(nn.Module):
     "No auxiliary latent (VDM): `c` is None and the KL term is zero."
     dim, n_params, kl_is_bound = 0, 0, True
-    def sample(self, params): return None
+    def sample(self, params, generator=None): return None
     def kl(self, params): return params.new_zeros(params.shape[0])
     def prior_sample(self, n, device=None, generator=None): return None
 
@@ -51,10 +51,12 @@ class GaussianLatent(nn.Module):
         super().__init__()
         if dim < 1: raise ValueError(f"a Gaussian latent needs dim >= 1, got {dim}")
         self.dim, self.n_params = dim, 2 * dim
-    def sample(self, params:Tensor) -> Tensor:
+    def sample(self, params:Tensor, # encoder output (B, 2 dim): μ and log σ²
+               generator:torch.Generator|None=None, # for ε
+              ) -> Tensor:
         "Reparameterised sample `μ + σ ε`, shape (B, dim)."
         mu, logvar = params.chunk(2, dim=1)
-        return mu + torch.exp(0.5 * logvar) * torch.randn_like(mu)
+        return mu + torch.exp(0.5 * logvar) * torch.randn(mu.shape, generator=generator, device=mu.device, dtype=mu.dtype)
     def kl(self, params:Tensor) -> Tensor:
         "`KL(N(μ, σ²) ‖ N(0, I))` in nats, shape (B,): `½ Σ (μ² + σ² - log σ² - 1)`."
         mu, logvar = params.chunk(2, dim=1)
@@ -62,9 +64,15 @@ class GaussianLatent(nn.Module):
     def prior_sample(self, n, device=None, generator=None): return torch.randn(n, self.dim, device=device, generator=generator)
 
 # %% ../nbs/04_latents.ipynb #41d7fe63
-def sum_of_gamma_noise(shape:tuple, k:int, tau:float=10., n_terms:int=10, device=None) -> Tensor:
+def sum_of_gamma_noise(shape:tuple, # shape of the noise
+                       k:int, # the k of top-k
+                       tau:float=10., # temperature
+                       n_terms:int=10, # s, the number of Gamma terms
+                       device=None,
+                       generator:torch.Generator|None=None,
+                      ) -> Tensor:
     "I-MLE's sum-of-gamma noise as in the official MuLAN code: `(τ/k)(Σ_{i=1}^{s} G_i·i/k - log s)`, `G_i ~ Gamma(1/k, 1)`."
-    G = torch._standard_gamma(torch.full((n_terms, *shape), 1.0 / k, device=device))
+    G = torch._standard_gamma(torch.full((n_terms, *shape), 1.0 / k, device=device), generator=generator)
     i = torch.arange(1, n_terms + 1, device=device, dtype=G.dtype).reshape(-1, *[1] * len(shape))
     return (tau / k) * ((G * i / k).sum(0) - math.log(n_terms))
 
@@ -86,9 +94,11 @@ class TopKLatent(nn.Module):
         "k-hot indicator of the k largest entries per row, shape of `scores`."
         return torch.zeros_like(scores).scatter_(1, scores.topk(self.k, dim=1).indices, 1.0)
 
-    def sample(self, logits:Tensor) -> Tensor:
+    def sample(self, logits:Tensor, # encoder output (B, m)
+               generator:torch.Generator|None=None, # for the perturbation
+              ) -> Tensor:
         "k-hot sample of q(c|x) (shape (B, m)) whose gradient flows through the centred, normalised perturbed logits."
-        l = logits + sum_of_gamma_noise(logits.shape, self.k, self.tau, device=logits.device).to(logits.dtype)
+        l = logits + sum_of_gamma_noise(logits.shape, self.k, self.tau, device=logits.device, generator=generator).to(logits.dtype)
         l = l - l.mean(1, keepdim=True)
         soft = l / l.norm(dim=1, keepdim=True).clamp_min(1e-12)
         return self.hard_topk(l) + (soft - soft.detach())  # exactly k-hot forward, gradient of `soft` backward
@@ -103,7 +113,7 @@ class TopKLatent(nn.Module):
         "Uniform k-hot vectors: the top-k of iid normal scores."
         return self.hard_topk(torch.randn(n, self.dim, device=device, generator=generator))
 
-# %% ../nbs/04_latents.ipynb #a650424d
+# %% ../nbs/04_latents.ipynb #1cd721ac
 def make_latent(kind:str, # 'topk', 'gaussian' or 'none'
                 m:int=50, # size of c
                 k:int=15, # ones in c (top-k only)

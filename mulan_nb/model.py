@@ -143,11 +143,13 @@ class MuLAN(nn.Module):
             out = out + guidance * (out - self.denoiser(z, gamma, c, torch.ones(len(z), dtype=torch.bool, device=z.device)))
         return out if self.config.prediction == 'eps' else eps_from_v(out, z, gamma)
 
-    def encode(self, x:Tensor) -> tuple[Tensor|None, Tensor]:
+    def encode(self, x:Tensor, # integer images, shape (B, *data_shape)
+               generator:torch.Generator|None=None, # for the draw of c (the global one when None)
+              ) -> tuple[Tensor|None, Tensor]:
         "Sample c ~ q(c | x) and its KL term (nats, shape (B,)) for integer images x."
         if self.encoder is None: return None, torch.zeros(x.shape[0], device=x.device)
         params = self.encoder(levels_to_data(x, self.config.K))
-        return self.latent.sample(params), self.latent.kl(params)
+        return self.latent.sample(params, generator), self.latent.kl(params)
 
     def forward(self, x:Tensor, t:Tensor|None=None) -> dict:
         "Same as `nelbo`, so that wrappers such as `torch.compile` see the bound as the forward pass."

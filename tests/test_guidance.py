@@ -114,7 +114,7 @@ def test_plot_writes_a_png(tmp_path):
 @pytest.mark.parametrize('call, words', [
     (lambda m: sample_trajectory(m, 0, T=3), 'n and T must be >= 1'),
     (lambda m: sample_trajectory(m, 2, T=0), 'n and T must be >= 1'),
-    (lambda m: sample_trajectory(m, 2, times=torch.tensor([0., 0.5])), 'from 0 to 1'),
+    (lambda m: sample_trajectory(m, 2, times=torch.tensor([0., 0.5])), 'end at exactly 1'),
     (lambda m: sample_trajectory(m, 2, T=2, c=torch.zeros(3, 8)), 'latent c must have shape (2, 8)'),
     (lambda m: NoiseLevelRegressor((8, 8)), 'data_shape must be'),
     (lambda m: NoiseLevelRegressor((1, 8, 8), channels=0), 'channels must be >= 1'),

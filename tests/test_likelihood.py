@@ -127,7 +127,9 @@ def test_untrained_digits_ode_bpd_matches_its_closed_form(small, digits, kind):
     "At initialisation ε̂ = z: z_1 = z_0 (1 + σ_1)/(1 + σ_0) in every dimension."
     r = ode_bpd(small, digits, kind, n_samples=2, divergence='hutchinson', rtol=1e-7, atol=1e-7, generator=torch.Generator().manual_seed(5))
     g_min, g_max = small.config.gamma_min, small.config.gamma_max
-    z, log_q = dequantize(digits, 17, torch.tensor(g_min), kind, 2, torch.Generator().manual_seed(5))
+    gen = torch.Generator().manual_seed(5)
+    small.encode(digits, gen)   # ode_bpd draws c first from its generator, then the dequantization
+    z, log_q = dequantize(digits, 17, torch.tensor(g_min), kind, 2, gen)
     s0, s1 = alpha_sigma(torch.tensor([g_min, g_max], dtype=F64))[1]
     k = math.log((1 + s1) / (1 + s0))
     log_p = torch.distributions.Normal(0., 1.).log_prob(z * math.exp(k)).flatten(2).sum(2) + 64 * k
@@ -165,11 +167,22 @@ def test_dequantized_samples_stay_in_their_bins_and_iw_approaches_the_mass():
     assert bounds[0] < bounds[1] < bounds[2] <= mass + 1e-3 and mass - bounds[2] < 0.01, (bounds, mass)
 
 
-def test_truncnormal_needs_the_noise_inside_the_bin():
-    x = torch.zeros(2, 1, 8, 8, dtype=torch.long)
-    dequantize(x, 256, torch.tensor(GAMMA_MIN), 'truncnormal')
-    with pytest.raises(ValueError, match='3 σ_0'):
-        dequantize(x, 256, torch.tensor(-12.), 'truncnormal')
+def test_truncnormal_is_cut_at_the_bin_when_sigma0_is_wide():
+    "With 3 σ_0 wider than the half-bin the truncated normal is cut at the bin's edges: q is N(0, σ_0²) conditioned on the bin, checked by its CDF."
+    x = torch.full((40_000, 1), 7)
+    g0 = torch.tensor(-9., dtype=torch.float64)
+    a0, s0 = alpha_sigma(g0)
+    half = a0 / 256
+    assert 3 * s0 > half
+    z, log_q = dequantize(x, 256, g0, 'truncnormal', generator=torch.Generator().manual_seed(0))
+    u = z[0, :, 0] - a0 * levels_to_data(x, 256).double()[:, 0]
+    assert u.abs().max() <= half
+    normal = torch.distributions.Normal(0., s0)
+    in_bin = normal.cdf(half) - normal.cdf(-half)
+    assert torch.allclose(log_q[0], normal.log_prob(u) - in_bin.log(), atol=1e-9)   # the density of the conditioned normal, in closed form
+    for q in (-0.5, 0., 0.8):   # empirical CDF at a few points against the conditioned normal's
+        expected = (normal.cdf(q * half) - normal.cdf(-half)) / in_bin
+        assert abs((u <= q * half).double().mean() - expected) < 4 * math.sqrt(expected * (1 - expected) / len(u))
 
 
 @pytest.mark.parametrize('bad, kw, words', [

@@ -47,9 +47,9 @@ def test_bad_input_exits_2_with_one_line(checkpoint, args, words):
 @pytest.mark.parametrize('kw, words', [
     (dict(n=0), 'n and T must be >= 1'),
     (dict(T=0), 'n and T must be >= 1'),
-    (dict(times=torch.tensor([0., 0.7, 0.5, 1.])), 'increasing 1-D grid from 0 to 1'),
-    (dict(times=torch.tensor([0.1, 0.5, 1.])), 'increasing 1-D grid from 0 to 1'),
-    (dict(times=torch.tensor([[0., 1.]])), 'increasing 1-D grid from 0 to 1'),
+    (dict(times=torch.tensor([0., 0.7, 0.5, 1.])), 'times must increase strictly'),
+    (dict(times=torch.tensor([0.1, 0.5, 1.])), 'start at exactly 0'),
+    (dict(times=torch.tensor([[0., 1.]])), '1-D floating tensor'),
     (dict(sampler='ddim'), "unknown sampler 'ddim'"),
     (dict(c=torch.zeros(4, 3)), 'latent c must have shape (4, 8)'),
     (dict(guidance=1.0), 'noise-condition dropout'),

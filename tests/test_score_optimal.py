@@ -23,7 +23,7 @@ class Gaussian(torch.nn.Module):
             self.schedule = PolynomialSchedule(mu.shape, 0, gamma_min=-8., gamma_max=5.)
             with torch.no_grad():
                 for p in self.schedule.parameters(): p.add_(torch.randn_like(p))
-    def encode(self, x): return None, torch.zeros(len(x))
+    def encode(self, x, generator=None): return None, torch.zeros(len(x))
     def gamma(self, t, c=None): return self.schedule(t)
     def predict_eps(self, z, gamma, c=None, guidance=None):
         alpha, sigma = alpha_sigma(gamma)
