@@ -10,7 +10,7 @@ nbs/13_experiments.ipynb reads it and draws the figures.
 
 Test bpd: dense NELBO with 128 stratified draws of (t, ε, c) per test image, EMA weights (the final evaluation
 of `train`); the spread reported is the standard error over seeds. Curves: the periodic evaluation of `train`
-(`--eval-n-t` draws per test image). ODE: `ode_bpd` (truncated-normal dequantization importance-weighted over
+(`--eval-n-t` draws per test image), ending with the final one. ODE: `ode_bpd` (truncated-normal dequantization importance-weighted over
 `--ode-samples`, cut at 3σ_0 or at the bin's edges; Hutchinson divergence with one probe, dopri5 at rtol = atol = 1e-5, float64 state) on the first `--ode-images` test images of each seed,
 next to the dense ELBO of the same images.
 """
@@ -56,7 +56,7 @@ def run_one(job):
     result = json.loads(result_path.read_text())
     metrics = [json.loads(l) for l in (out / 'metrics.jsonl').read_text().splitlines() if l.strip()]
     evals = [m for m in metrics if m.get('kind') == 'eval']
-    curve = [(m['step'], m['bpd']) for m in evals if m['n_t'] == a['eval_n_t']]
+    curve = [(m['step'], m['bpd']) for m in evals]   # the periodic evaluations (eval_n_t draws per image), then the final one
     final = evals[-1]   # the dense ELBO at the end (128 draws per image)
     trains = [m for m in metrics if m.get('kind') == 'train']   # logged every few steps with the rate since the last log
     record = dict(config=name, seed=seed, preset=preset, overrides=overrides, test_bpd=result['test_bpd'], test_se=result['test_se'],
@@ -131,9 +131,9 @@ def summarise(records, a):
         rows[name] = row
     ratio = None
     if 'mulan' in rows and 'vdm-scalar' in rows:
-        target = rows['vdm-scalar']['mean_curve'][-1][1] if rows['vdm-scalar']['mean_curve'] else rows['vdm-scalar']['test_bpd']
+        target = rows['vdm-scalar']['test_bpd']   # the final dense ELBO, mean over seeds: the last point of VDM's mean curve
         reach = steps_to_reach(rows['mulan']['mean_curve'], target)
-        ratio = dict(vdm_final_curve_bpd=target, vdm_steps=a['steps'], mulan_steps_to_reach=reach,
+        ratio = dict(vdm_final_bpd=target, vdm_steps=a['steps'], mulan_steps_to_reach=reach,
                      ratio=None if reach is None else reach / a['steps'])
     compute = dict(train_step_hours=sum(r['train_step_seconds'] for r in records) / 3600,
                    ode_hours=sum(r['ode']['seconds'] for r in records if 'ode' in r) / 3600)
@@ -152,7 +152,7 @@ def markdown(summary):
         nfe = f"{r['ode_nfe_mean']:.0f}" if 'ode_bpd' in r else ''
         lines.append(f"| {r['config']} | {r['what']} | {r['test_bpd']:.3f} ± {r['se_over_seeds']:.3f} | {', '.join(f'{v:.3f}' for v in r['per_seed'])} | {ode} | {same} | {diff} | {nfe} | {r['parameters'] / 1e6:.2f}M |")
     s = summary['steps_ratio']
-    if s: lines += ['', f"Steps MuLAN needs to reach VDM's final periodic test bpd ({s['vdm_final_curve_bpd']:.3f} at {s['vdm_steps']} steps): "
+    if s: lines += ['', f"Steps MuLAN's mean curve needs to reach VDM's final test bpd ({s['vdm_final_bpd']:.3f}, dense ELBO at {s['vdm_steps']} steps, mean over seeds): "
                     + (f"{s['mulan_steps_to_reach']:.0f} (ratio {s['ratio']:.2f})" if s['ratio'] is not None else 'not reached')]
     return '\n'.join(lines) + '\n'
 
@@ -177,20 +177,24 @@ def main(argv=None):
     jobs = [(name, seed, a) for seed in a['seeds'] for name in a['configs']]
     out = Path(a['results']); out.mkdir(parents=True, exist_ok=True)
     name = Path(a['data']).stem
-    def write(records):   # after every finished run, so that a killed sweep still leaves its summary so far
+    def finished(r):   # after every finished run, so that a killed sweep still leaves its summary so far
+        records.append(r)
+        print(f"{r['config']:24s} seed {r['seed']}: test bpd {r['test_bpd']:.4f} ± {r['test_se']:.4f} ({r['seconds_this_call']:.0f} s)", flush=True)
+        write(records)
+        if r['config'] == 'mulan' and r['seed'] == a['seeds'][0]:
+            save_gamma_maps(Path(a['runs']) / f"mulan-s{r['seed']}" / 'checkpoint.pt', a, out / f'{name}-gamma-maps.npz')
+    def write(records):
         summary = summarise(records, a)
         summary.update(wall_seconds=time.perf_counter() - t0, runs_done=len(records), runs_planned=len(jobs))
         (out / f'{name}.json').write_text(json.dumps(summary, indent=1))
         (out / f'{name}.md').write_text(markdown(summary))
         return summary
-    with ProcessPoolExecutor(a['jobs']) as pool:
-        records = []
-        for r in pool.map(run_one, jobs):
-            records.append(r)
-            print(f"{r['config']:24s} seed {r['seed']}: test bpd {r['test_bpd']:.4f} ± {r['test_se']:.4f} ({r['seconds_this_call']:.0f} s)", flush=True)
-            write(records)
-            if r['config'] == 'mulan' and r['seed'] == a['seeds'][0]:
-                save_gamma_maps(Path(a['runs']) / f"mulan-s{r['seed']}" / 'checkpoint.pt', a, out / f'{name}-gamma-maps.npz')
+    records = []
+    try:
+        with ProcessPoolExecutor(a['jobs']) as pool:
+            for r in pool.map(run_one, jobs): finished(r)
+    except ValueError as e:   # bad data or settings, as the library names them; the runs done so far are kept
+        p.exit(2, f"compare.py: error: {e}\n")
     summary = write(records)
     print(markdown(summary)); print(f"{len(records)} runs in {summary['wall_seconds']:.0f} s; {out / name}.json")
 
