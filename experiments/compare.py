@@ -36,6 +36,9 @@ WHAT = {
 }
 
 
+ODE_FORMAT = 2   # truncated normal cut at min(3 σ_0, half-bin), c drawn from the seeded generator; older ODE files are recomputed
+
+
 def run_one(job):
     "Train (or resume, or skip) one (config, seed) run; returns its record."
     name, seed, a = job
@@ -49,7 +52,12 @@ def run_one(job):
     out = Path(a['runs']) / f"{name.split(' ')[0]}-s{seed}"
     result_path = out / 'result.json'
     t0 = time.perf_counter()
-    if not result_path.exists():
+    if result_path.exists():
+        done = json.loads(result_path.read_text())
+        if (done['steps'], done['data'], done['preset']) != (a['steps'], a['data'], preset):
+            raise ValueError(f"{out} holds a finished run of {done['steps']} steps of {done['preset']} on {done['data']}, not "
+                             f"{a['steps']} steps of {preset} on {a['data']}: use another --runs folder")
+    else:
         cfg = TrainConfig(preset=preset, model=overrides, data=a['data'], K=a['levels'], steps=a['steps'], batch_size=a['batch_size'],
                           seed=seed, out=str(out), eval_every=a['eval_every'], eval_n_t=a['eval_n_t'], ckpt_every=a['eval_every'], n_samples=64)
         train(cfg, resume=(out / 'checkpoint.pt').exists(), progress=False)
@@ -62,10 +70,10 @@ def run_one(job):
     record = dict(config=name, seed=seed, preset=preset, overrides=overrides, test_bpd=result['test_bpd'], test_se=result['test_se'],
                   terms={k: final[k] for k in ('diffusion_bpd', 'recon_bpd', 'prior_bpd', 'latent_bpd')},
                   curve=curve, parameters=result['parameters']['total'],
-                  train_step_seconds=sum((m['step'] - prev) / m['steps_per_s'] for prev, m in zip([0] + [m['step'] for m in trains], trains)))
+                  train_seconds=sum((m['step'] - prev) / m['steps_per_s'] for prev, m in zip([0] + [m['step'] for m in trains], trains)))
     if a['ode_images'] and name in a['ode_configs']:
         ode_path = out / f"ode-truncnormal{a['ode_samples']}-{a['ode_images']}.json"
-        if not ode_path.exists():
+        if not ode_path.exists() or json.loads(ode_path.read_text()).get('format') != ODE_FORMAT:   # older files: other dequantization or c
             model, _ = model_from_checkpoint(out / 'checkpoint.pt')
             x = load_data(a['data'], 'test', None, a['levels']).images[:a['ode_images']]
             t1 = time.perf_counter()
@@ -74,7 +82,7 @@ def run_one(job):
             ode_seconds = time.perf_counter() - t1
             torch.manual_seed(seed)
             e = dense_elbo(model, x, n_t=128)
-            ode_path.write_text(json.dumps(dict(ode=r.bpd.tolist(), elbo=e.bpd.tolist(), nfe=r.nfe, seconds=ode_seconds, note=r.note)))
+            ode_path.write_text(json.dumps(dict(format=ODE_FORMAT, ode=r.bpd.tolist(), elbo=e.bpd.tolist(), nfe=r.nfe, seconds=ode_seconds, note=r.note)))
         record['ode'] = json.loads(ode_path.read_text())
     record['seconds_this_call'] = time.perf_counter() - t0   # training (unless done before) and ODE (unless done before)
     return record
@@ -135,7 +143,7 @@ def summarise(records, a):
         reach = steps_to_reach(rows['mulan']['mean_curve'], target)
         ratio = dict(vdm_final_bpd=target, vdm_steps=a['steps'], mulan_steps_to_reach=reach,
                      ratio=None if reach is None else reach / a['steps'])
-    compute = dict(train_step_hours=sum(r['train_step_seconds'] for r in records) / 3600,
+    compute = dict(train_hours=sum(r['train_seconds'] for r in records) / 3600,   # from the logged rates: periodic evaluations and checkpoints included
                    ode_hours=sum(r['ode']['seconds'] for r in records if 'ode' in r) / 3600)
     return dict(settings=a, rows=list(rows.values()), steps_ratio=ratio, compute=compute)
 
@@ -173,6 +181,7 @@ def main(argv=None):
     a = vars(p.parse_args(argv))
     unknown = set(a['configs']) - set(CONFIGS)
     if unknown: p.error(f"unknown configs {sorted(unknown)}: choose from {list(CONFIGS)}")
+    if a['ode_images'] < 0 or a['ode_samples'] < 1: p.error(f"--ode-images must be >= 0 and --ode-samples >= 1, got {a['ode_images']} and {a['ode_samples']}")
     t0 = time.perf_counter()
     jobs = [(name, seed, a) for seed in a['seeds'] for name in a['configs']]
     out = Path(a['results']); out.mkdir(parents=True, exist_ok=True)

@@ -239,11 +239,11 @@ def dequantize(x: Tensor, # integer images, shape (B, *data_shape)
     shape = (n_samples, *x.shape)
     if kind == 'uniform':
         u = 2 * torch.rand(shape, generator=generator, dtype=dtype, device=x.device) - 1
-        h, log_pu = alpha0 / K, torch.full(shape, -math.log(2), dtype=dtype)
+        h, log_pu = alpha0 / K, torch.full(shape, -math.log(2), dtype=dtype, device=x.device)
     else:
-        lo = torch.special.ndtr(-(alpha0 / (K * sigma0)).clamp(max=3))   # mass below -b, b = min(3, half-bin / σ_0)
-        u = torch.special.ndtri(lo + (1 - 2 * lo) * torch.rand(shape, generator=generator, dtype=dtype, device=x.device))
-        h, log_pu = sigma0, -0.5 * u**2 - 0.5 * math.log(2 * math.pi) - torch.log1p(-2 * lo)
+        mass = torch.special.erf((alpha0 / (K * sigma0)).clamp(max=3) / math.sqrt(2))   # P(|u| <= b), b = min(3, half-bin / σ_0), without cancellation
+        u = math.sqrt(2) * torch.special.erfinv(mass * (2 * torch.rand(shape, generator=generator, dtype=dtype, device=x.device) - 1))
+        h, log_pu = sigma0, -0.5 * u**2 - 0.5 * math.log(2 * math.pi) - mass.log()
     return alpha0 * levels_to_data(x, K).to(dtype) + h * u, (log_pu - h.log()).flatten(2).sum(2)
 
 # %% ../nbs/07_likelihood.ipynb #9e63a2c5

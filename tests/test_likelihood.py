@@ -167,22 +167,27 @@ def test_dequantized_samples_stay_in_their_bins_and_iw_approaches_the_mass():
     assert bounds[0] < bounds[1] < bounds[2] <= mass + 1e-3 and mass - bounds[2] < 0.01, (bounds, mass)
 
 
-def test_truncnormal_is_cut_at_the_bin_when_sigma0_is_wide():
-    "With 3 σ_0 wider than the half-bin the truncated normal is cut at the bin's edges: q is N(0, σ_0²) conditioned on the bin, checked by its CDF."
+@pytest.mark.parametrize('g0', [GAMMA_MIN, -9., 40.])
+def test_truncnormal_is_the_normal_conditioned_on_its_cut(g0):
+    """q(z_0 | x) is N(α_0 f, σ_0²) conditioned on |u| <= min(3 σ_0, half-bin): at VDM's γ_min for 8 bits the cut is 3 σ_0 (b = 3),
+    at γ = -9 the bin's edges (b = 0.35), at γ = 40 the bin is 1e-11 σ_0 wide and q is the uniform one. Density and CDF in closed form."""
     x = torch.full((40_000, 1), 7)
-    g0 = torch.tensor(-9., dtype=torch.float64)
+    g0 = torch.tensor(g0, dtype=torch.float64)
     a0, s0 = alpha_sigma(g0)
-    half = a0 / 256
-    assert 3 * s0 > half
+    cut = torch.minimum(3 * s0, a0 / 256)
     z, log_q = dequantize(x, 256, g0, 'truncnormal', generator=torch.Generator().manual_seed(0))
     u = z[0, :, 0] - a0 * levels_to_data(x, 256).double()[:, 0]
-    assert u.abs().max() <= half
-    normal = torch.distributions.Normal(0., s0)
-    in_bin = normal.cdf(half) - normal.cdf(-half)
-    assert torch.allclose(log_q[0], normal.log_prob(u) - in_bin.log(), atol=1e-9)   # the density of the conditioned normal, in closed form
-    for q in (-0.5, 0., 0.8):   # empirical CDF at a few points against the conditioned normal's
-        expected = (normal.cdf(q * half) - normal.cdf(-half)) / in_bin
-        assert abs((u <= q * half).double().mean() - expected) < 4 * math.sqrt(expected * (1 - expected) / len(u))
+    assert u.abs().max() <= cut
+    if cut / s0 > 1e-3:   # the conditioned normal, by its CDF
+        normal = torch.distributions.Normal(0., s0)
+        in_cut = normal.cdf(cut) - normal.cdf(-cut)
+        density, cdf = normal.log_prob(u) - in_cut.log(), lambda v: (normal.cdf(v) - normal.cdf(-cut)) / in_cut
+    else:   # the uniform limit (the normal's CDF differences would cancel here)
+        density, cdf = torch.full_like(u, -math.log(2 * cut)), lambda v: (v + cut) / (2 * cut)
+    assert torch.allclose(log_q[0], density, rtol=1e-9, atol=1e-9)
+    for q in (-0.5, 0., 0.8):   # empirical CDF at a few points
+        expected = cdf(q * cut)
+        assert abs((u <= q * cut).double().mean() - expected) < 4 * math.sqrt(expected * (1 - expected) / len(u))
 
 
 @pytest.mark.parametrize('bad, kw, words', [
