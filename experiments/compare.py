@@ -172,7 +172,7 @@ def main(argv=None):
     p.add_argument('--seeds', type=int, nargs='*', default=[0, 1, 2])
     p.add_argument('--steps', type=int, default=1000); p.add_argument('--batch-size', type=int, default=64)
     p.add_argument('--eval-every', type=int, default=100); p.add_argument('--eval-n-t', type=int, default=8)
-    p.add_argument('--ode-images', type=int, default=10, help='test images per seed for the ODE (0: none)')
+    p.add_argument('--ode-images', type=int, default=30, help='test images per seed for the ODE (0: none)')
     p.add_argument('--ode-samples', type=int, default=2, help='truncated-normal dequantization samples per image (importance weighted)')
     p.add_argument('--ode-configs', nargs='*', default=list(CONFIGS), help='configurations whose runs also get the ODE bpd')
     p.add_argument('--jobs', type=int, default=1, help='runs in parallel (one thread each)')
