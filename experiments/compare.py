@@ -14,7 +14,7 @@ of `train`); the spread reported is the standard error over seeds. Curves: the p
 `--ode-samples`, cut at 3σ_0 or at the bin's edges; Hutchinson divergence with one probe, dopri5 at rtol = atol = 1e-5, float64 state) on the first `--ode-images` test images of each seed,
 next to the dense ELBO of the same images.
 """
-import argparse, json, math, os, sys, time
+import argparse, json, math, os, statistics, sys, time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
@@ -105,9 +105,9 @@ def save_gamma_maps(checkpoint, a, path, n_images=4, n_t=101):
 
 
 def mean_se(values):
+    "Mean and its standard error (sample std / √n; NaN for one value)."
     n = len(values)
-    m = sum(values) / n
-    return m, (math.sqrt(sum((v - m) ** 2 for v in values) / (n - 1) / n) if n > 1 else float('nan'))
+    return statistics.fmean(values), (statistics.stdev(values) / math.sqrt(n) if n > 1 else float('nan'))
 
 
 def steps_to_reach(curve, target):
