@@ -45,7 +45,8 @@ def run_one(job):
     os.environ['OMP_NUM_THREADS'] = '1'
     import torch
     torch.set_num_threads(1)
-    from mulan_nb.training import TrainConfig, train, model_from_checkpoint
+    from mulan_nb.training import TrainConfig, train
+    from mulan_nb.model import model_from_checkpoint
     from mulan_nb.likelihood import dense_elbo, ode_bpd
     from mulan_nb.data import load_data
     preset, overrides = CONFIGS[name]
@@ -91,7 +92,7 @@ def run_one(job):
 def save_gamma_maps(checkpoint, a, path, n_images=4, n_t=101):
     "The learned γ(c, t) of every pixel for a few test images (one draw c ~ q(c|x), seed 0), for the notebook."
     import numpy as np, torch
-    from mulan_nb.training import model_from_checkpoint
+    from mulan_nb.model import model_from_checkpoint
     from mulan_nb.data import load_data
     model, state = model_from_checkpoint(checkpoint)
     x = load_data(a['data'], 'test', None, a['levels']).images[:n_images]

@@ -60,7 +60,8 @@ def load_or_train_regressor(model, state, train_images, a, out, log):
 def main(argv=None) -> int:
     a = parse_args(argv)
     torch.set_num_threads(a.threads)
-    from mulan_nb.training import model_from_checkpoint, plot_samples
+    from mulan_nb.model import model_from_checkpoint
+    from mulan_nb.data import plot_samples
     from mulan_nb.data import load_data
     from mulan_nb.guidance import (sample_trajectory, predict_times, regressor_error, forward_shift, shift_summary,
                                    plot_shift_density)

@@ -19,7 +19,7 @@ from mulan_nb.frechet import FrechetEvaluator
 from mulan_nb.sampling import sample
 from mulan_nb.score_optimal import (incremental_cost, optimal_times, hand_tuned_times, step_costs, cost_ratio,
                                     plot_step_costs)
-from mulan_nb.training import model_from_checkpoint
+from mulan_nb.model import model_from_checkpoint
 
 
 def parse(argv=None):

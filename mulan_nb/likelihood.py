@@ -5,7 +5,7 @@
 # %% auto #0
 __all__ = ['DIVERGENCES', 'VARIABLES', 'ERROR_NORMS', 'ADAPTIVE_SOLVERS', 'DEQUANTIZATIONS', 'evaluating', 'standard_error',
            'DenseELBO', 'dense_elbo', 'GaussianReference', 'mean_gamma_clock', 'divergence_probes', 'PFODEResult',
-           'pf_ode_logp', 'dequantize', 'iw_bound', 'model_ode_fns', 'ODEBpd', 'ode_bpd', 'eval_parser', 'eval_main']
+           'pf_ode_logp', 'dequantize', 'iw_bound', 'model_ode_fns', 'ODEBpd', 'ode_bpd']
 
 # %% ../nbs/07_likelihood.ipynb #72a62b48
 import math
@@ -188,7 +188,8 @@ def pf_ode_logp(x: Tensor, # the state at t = 0, continuous, shape (B, ...)
                 divergence: str='exact', # 'exact' (one vector-Jacobian product per dimension) or 'hutchinson'
                 n_probes: int=1, # Rademacher probes, drawn once per solve (Hutchinson only)
                 variable: str='t', # integrate in plain 't', or in 'gamma': the normalised mean γ (`mean_gamma_clock`)
-                rtol: float=1e-5, atol: float=1e-5, # solver tolerances
+                rtol: float=1e-5, # relative tolerance of the solver
+                atol: float=1e-5, # absolute tolerance of the solver
                 error_norm: str='separate', # 'separate': the larger of the RMS of z and of ∫div; 'joint': one RMS over both
                 method: str='dopri5', # an adaptive torchdiffeq solver
                 dtype=torch.float64, # dtype of the ODE state and time
@@ -286,7 +287,8 @@ def ode_bpd(model: nn.Module, # a `MuLAN`
             divergence: str='exact', # 'exact' or 'hutchinson'
             n_probes: int=1, # Rademacher probes per solve (Hutchinson only)
             variable: str='t', # integration variable: 't' or 'gamma' (the normalised mean γ)
-            rtol: float=1e-5, atol: float=1e-5, # solver tolerances
+            rtol: float=1e-5, # relative tolerance of the solver
+            atol: float=1e-5, # absolute tolerance of the solver
             error_norm: str='separate', # solver error norm: 'separate' or 'joint' (see `pf_ode_logp`)
             method: str='dopri5', # an adaptive torchdiffeq solver
             dtype=torch.float64, # dtype of the ODE state (the model runs in its own)
@@ -309,92 +311,3 @@ def ode_bpd(model: nn.Module, # a `MuLAN`
             f"c: one draw of q(c|x) per image; bpd = data_bpd + latent_bpd estimates an upper bound on -log2 p(x)/D "
             f"(log p(x) >= E_q[log p(x|c)] - KL(q(c|x)||p(c))); latent KL: {kl_kind}")
     return ODEBpd(data_bpd + latent_bpd, data_bpd, latent_bpd, c, [s.nfe for s in sols], note)
-
-# %% ../nbs/07_likelihood.ipynb #445a31bf
-def eval_parser():
-    "The command line of `mulan_eval`."
-    from mulan_nb.training import OneLineParser
-    p = OneLineParser(prog='mulan_eval', description='Test-set bits per dimension of a mulan_nb checkpoint, by the dense ELBO or the probability-flow ODE.')
-    p.add_argument('checkpoint', help='checkpoint.pt written by mulan_train')
-    p.add_argument('--method', choices=('elbo', 'ode'), default='elbo', help='dense ELBO (default) or probability-flow ODE')
-    p.add_argument('--data', default=None, help="data set (default: the one the checkpoint was trained on)")
-    p.add_argument('--root', default=None, help='folder of the torchvision data sets (default: the training run\'s)')
-    p.add_argument('--split', choices=('test', 'train'), default='test')
-    p.add_argument('--first', type=int, default=0, help='evaluate the first N images of the split only (0: all)')
-    p.add_argument('--n-t', type=int, default=128, help='ELBO: draws of (t, ε, c) per image')
-    p.add_argument('--batch-size', type=int, default=1024, help='ELBO: rows (image × draw) per forward pass')
-    p.add_argument('--dequantization', choices=DEQUANTIZATIONS, default='uniform', help='ODE: dequantization of the levels')
-    p.add_argument('--n-samples', type=int, default=1, help='ODE: dequantization samples per image (importance weighted)')
-    p.add_argument('--divergence', choices=DIVERGENCES, default='hutchinson', help='ODE: exact (D backward passes) or Hutchinson')
-    p.add_argument('--n-probes', type=int, default=1, help='ODE: Rademacher probes per solve (Hutchinson)')
-    p.add_argument('--variable', choices=VARIABLES, default='t', help="ODE: integration variable, 't' or the mean-γ clock 'gamma'")
-    p.add_argument('--rtol', type=float, default=1e-5, help='ODE: relative tolerance')
-    p.add_argument('--atol', type=float, default=1e-5, help='ODE: absolute tolerance')
-    p.add_argument('--error-norm', choices=ERROR_NORMS, default='separate', help='ODE: solver error norm')
-    p.add_argument('--solver', choices=ADAPTIVE_SOLVERS, default='dopri5', help='ODE: adaptive torchdiffeq solver')
-    p.add_argument('--float32', action='store_true', help='ODE: float32 state instead of float64')
-    p.add_argument('--ode-batch', type=int, default=1, help='ODE: images per solve (the solver takes the steps of the hardest one)')
-    p.add_argument('--seed', type=int, default=0)
-    p.add_argument('--device', default='cpu')
-    p.add_argument('--raw', action='store_true', help='use the raw weights instead of the EMA')
-    p.add_argument('--out', default=None, help='JSON result (default: eval-METHOD-SPLIT.json next to the checkpoint)')
-    p.add_argument('--no-progress', action='store_true')
-    return p
-
-# %% ../nbs/07_likelihood.ipynb #296a9816
-def _positive(**values):
-    for name, v in values.items():
-        if v < 1: raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {v}")
-
-def eval_main(argv:list[str]|None=None) -> int:
-    "Console entry point `mulan_eval`."
-    import json, sys, time
-    from pathlib import Path
-    from mulan_nb.training import model_from_checkpoint
-    from mulan_nb.data import load_data
-    a = eval_parser().parse_args(argv)
-    try:
-        _positive(n_t=a.n_t, batch_size=a.batch_size, n_samples=a.n_samples, n_probes=a.n_probes, ode_batch=a.ode_batch)
-        if a.first < 0: raise ValueError(f"--first must be >= 0 (0: all images), got {a.first}")
-        if not (a.rtol > 0 and a.atol > 0): raise ValueError(f"--rtol and --atol must be > 0, got {a.rtol}, {a.atol}")
-        model, state = model_from_checkpoint(a.checkpoint, ema=not a.raw, map_location=a.device)
-        run = state['train']
-        data = load_data(a.data or run['data'], a.split, a.root or run['root'], run['K'])
-        if data.K != model.config.K or tuple(data.images.shape[1:]) != model.config.data_shape:
-            raise ValueError(f"data set {a.data or run['data']!r} has {data.K} levels and images of shape {tuple(data.images.shape[1:])}; "
-                             f"the model wants {model.config.K} and {model.config.data_shape}")
-        x = (data.images[:a.first] if a.first else data.images).to(a.device)
-        out = Path(a.out) if a.out else Path(a.checkpoint).with_name(f'eval-{a.method}-{a.split}.json')
-        try: out.parent.mkdir(parents=True, exist_ok=True); out.touch()
-        except OSError as e: raise ValueError(f"cannot write the result to {out}: {e.strerror}") from None
-        torch.manual_seed(a.seed)
-        t0 = time.perf_counter()
-        if a.method == 'elbo':
-            res = dense_elbo(model, x, a.n_t, a.batch_size)
-            per_image, nfe, note = res.bpd, None, f"dense NELBO, continuous time, {a.n_t} stratified draws of (t, ε, c) per image"
-            extra = dict(mc_se=res.mean_sem, **{f'{k}_bpd': v.mean().item() for k, v in res.terms.items()})
-        else:
-            gen = torch.Generator(a.device).manual_seed(a.seed)
-            batches = x.split(a.ode_batch)
-            if not a.no_progress:
-                try: from tqdm.auto import tqdm; batches = tqdm(batches, unit='solve', file=sys.stderr, dynamic_ncols=True)
-                except ImportError: pass
-            rs = [ode_bpd(model, xb, a.dequantization, a.n_samples, a.divergence, a.n_probes, a.variable, a.rtol, a.atol,
-                          a.error_norm, a.solver, torch.float32 if a.float32 else torch.float64, gen) for xb in batches]
-            per_image, nfe, note = torch.cat([r.bpd for r in rs]).float(), [n for r in rs for n in r.nfe], rs[0].note
-            extra = dict(data_bpd=torch.cat([r.data_bpd for r in rs]).mean().item(), latent_bpd=torch.cat([r.latent_bpd for r in rs]).mean().item(),
-                         nfe_mean=sum(nfe) / len(nfe), nfe=nfe)
-        seconds = time.perf_counter() - t0
-        n = len(per_image)
-        se = standard_error(per_image)
-        result = dict(checkpoint=str(a.checkpoint), step=state['step'], preset=run['preset'], weights='raw' if a.raw else 'EMA',
-                      data=a.data or run['data'], split=a.split, n_images=n, method=a.method, bpd=per_image.mean().item(), se=se,
-                      estimator=note, seconds=seconds, seconds_per_image=seconds / n, seed=a.seed, options=vars(a), **extra,
-                      per_image_bpd=per_image.tolist())
-        out.write_text(json.dumps(result, indent=1))
-    except ValueError as e:
-        print(f"mulan_eval: error: {e}", file=sys.stderr)
-        return 2
-    cost = f"NFE {result['nfe_mean']:.0f} per solve, " if nfe else ''
-    print(f"{a.split} bpd {result['bpd']:.4f} ± {se:.4f} over {n} images ({note}); {cost}{seconds / n:.2f} s per image; {out}")
-    return 0

@@ -4,7 +4,7 @@
 
 # %% auto #0
 __all__ = ['incremental_cost', 'step_costs', 'cost_ratio', 'cumulative_length', 'optimal_times', 'mean_gamma', 'edm_times',
-           'hand_tuned_times', 'blend_times', 'OnlineTimes', 'plot_step_costs']
+           'hand_tuned_times', 'blend_times', 'OnlineTimes', 'OptimiseTimes', 'plot_step_costs']
 
 # %% ../nbs/11_score_optimal.ipynb #8aa6ecf4
 import math
@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 from .diffusion import check_levels, levels_to_data, alpha_sigma
 from .sampling import check_times
+from .training import shard_seed
 
 # %% ../nbs/11_score_optimal.ipynb #aeba067f
 def _device(model, default=None):
@@ -206,6 +207,30 @@ class OnlineTimes:
         other = OnlineTimes(state['T'], state['weight'], state['warmup'], state['refine'], state['n_repeats'], state['times'])
         other.n_updates = int(state['n_updates'])
         self.__dict__.update(other.__dict__)
+
+# %% ../nbs/11_score_optimal.ipynb #0b7e0002
+class OptimiseTimes:
+    "Training callback: Algorithm 2's online sampling grid, updated every `every` steps on rank 0."
+    key = 'sampling_times'
+    def __init__(self, every:int, # steps between updates of the grid
+                 T:int=100, # steps of the sampling grid (the run's `sample_steps`)
+                 weight:float=0.1, # blending weight of each update
+                 warmup:int=10, # updates that keep the uniform grid before blending starts
+                ):
+        if not isinstance(every, int) or every < 1: raise ValueError(f"every (steps between grid updates) must be an int >= 1, got {every!r}")
+        self.every, self.online = every, OnlineTimes(T, weight, warmup)
+
+    def after_step(self, trainer):
+        if trainer.rank or trainer.step % self.every: return
+        torch.manual_seed(shard_seed(trainer.cfg.seed, trainer.step, -1))
+        gen = torch.Generator(trainer.device).manual_seed(shard_seed(trainer.cfg.seed, trainer.step, -2))
+        self.online.update(trainer.ema, trainer.xtrain[trainer.idx[:128]], gen)
+
+    @property
+    def sampling_times(self) -> Tensor: return self.online.times
+    def state_dict(self) -> dict: return self.online.state_dict()
+    def load_state_dict(self, state:dict): self.online.load_state_dict(state)
+    def result(self, trainer) -> dict: return {'sampling_times': self.online.times.tolist()}
 
 # %% ../nbs/11_score_optimal.ipynb #9daaa41d
 def plot_step_costs(grids:dict, # name -> sampling grid (T+1,), e.g. {'uniform': …, 'optimised': …}

@@ -18,7 +18,7 @@ def run_cli(fn, args):
 @pytest.fixture(scope='session')
 def tiny_checkpoint(tmp_path_factory):
     "A digits-mulan checkpoint of a tiny network after 3 steps."
-    from mulan_nb.training import main
+    from mulan_nb.cli import train_main as main
     out = tmp_path_factory.mktemp('tiny-run')
     code, err = run_cli(main, ['--out', str(out), '--steps', '3', *QUIET, *TINY_MODEL])
     assert code == 0, err

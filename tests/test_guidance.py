@@ -139,7 +139,7 @@ def test_bad_input_is_a_value_error_naming_the_problem(model, call, words):
 def test_experiment_script_runs_and_refuses_unguidable_checkpoints(tmp_path):
     "The experiment script end to end on a 2-step tiny checkpoint (no Fréchet distance), and its refusal of a model without null embedding."
     import importlib.util, contextlib, io, json, pathlib
-    from mulan_nb.training import main as train_main
+    from mulan_nb.cli import train_main
     root = pathlib.Path(__file__).resolve().parents[1]
     spec = importlib.util.spec_from_file_location('noise_guidance', root / 'experiments' / 'noise_guidance.py')
     script = importlib.util.module_from_spec(spec); spec.loader.exec_module(script)

@@ -242,8 +242,8 @@ def test_ode_and_elbo_are_finite_for_blank_images(small, level):
 # ---- the mulan_eval command ----
 import json
 from conftest import run_cli
-from mulan_nb.likelihood import eval_main
-from mulan_nb.training import model_from_checkpoint
+from mulan_nb.cli import eval_main
+from mulan_nb.model import model_from_checkpoint
 from mulan_nb.data import load_data
 
 
@@ -275,11 +275,11 @@ def test_mulan_eval_ode_reports_nfe_and_matches_ode_bpd(tiny_checkpoint, tmp_pat
 @pytest.mark.parametrize('args, words', [
     (['/nonexistent/checkpoint.pt'], 'checkpoint not found'),
     (['CKPT', '--first', '-1'], '--first must be >= 0'),
-    (['CKPT', '--n-t', '0'], '--n-t must be >= 1'),
-    (['CKPT', '--batch-size', '0'], '--batch-size must be >= 1'),
-    (['CKPT', '--method', 'ode', '--n-samples', '0'], '--n-samples must be >= 1'),
-    (['CKPT', '--method', 'ode', '--ode-batch', '0'], '--ode-batch must be >= 1'),
-    (['CKPT', '--method', 'ode', '--rtol', '0'], '--rtol and --atol must be > 0'),
+    (['CKPT', '--n-t', '0'], 'argument --n-t: must be >= 1'),
+    (['CKPT', '--batch-size', '0'], 'argument --batch-size: must be >= 1'),
+    (['CKPT', '--method', 'ode', '--n-samples', '0'], 'argument --n-samples: must be >= 1'),
+    (['CKPT', '--method', 'ode', '--ode-batch', '0'], 'argument --ode-batch: must be >= 1'),
+    (['CKPT', '--method', 'ode', '--rtol', '0'], 'argument --rtol: must be > 0'),
     (['CKPT', '--method', 'exact'], "invalid choice: 'exact'"),
     (['CKPT', '--divergence', 'trace'], "invalid choice: 'trace'"),
     (['CKPT', '--data', 'nope'], "unknown data set 'nope'"),

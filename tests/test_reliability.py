@@ -35,7 +35,9 @@ import pytest, torch
 from hypothesis import given, settings, strategies as st, HealthCheck
 from mulan_nb.model import MuLAN, MuLANConfig, SCHEDULES
 from conftest import run_cli as run_main_cli
-from mulan_nb.training import main, load_checkpoint, save_checkpoint, TrainConfig, train, CHECKPOINT_FORMAT
+from mulan_nb.cli import train_main as main
+from mulan_nb.model import load_checkpoint, save_checkpoint, CHECKPOINT_FORMAT
+from mulan_nb.training import TrainConfig, train
 
 SHAPE, M = (1, 4, 4), 6
 

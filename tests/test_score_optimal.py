@@ -130,6 +130,8 @@ def test_with_a_latent_model_the_same_c_serves_both_times_and_the_mode_is_restor
     cost = incremental_cost(model, x, torch.linspace(0, 1, 5), batch_size=7)
     assert cost.shape == (4,) and torch.isfinite(cost).all() and (cost > 0).all()
     assert model.training
+    assert seen and all(c is not None and len(c) % 2 == 0 for c in seen), 'gamma was not called with a latent'   # else the loop below checks nothing
+    assert len(seen) == -(-4 * 5 // 7)   # one call per batch of (interval, image) pairs: ceil(20 / 7)
     for c in seen:
         first, second = c.chunk(2)
         assert torch.equal(first, second)
@@ -161,13 +163,21 @@ def test_blend_and_online_updates(gauss):
 
 def test_optimised_grid_samples_from_a_checkpoint(tiny_checkpoint):
     from mulan_nb.sampling import sample
-    from mulan_nb.training import model_from_checkpoint
+    from mulan_nb.model import model_from_checkpoint
+    "The sampler walks the optimised grid (every recorded state at its times, t = 1 down to 0), the grid changes the samples, and each level is the one nearest to z_0."
     model, _ = model_from_checkpoint(tiny_checkpoint)
-    x = torch.randint(0, 17, (8, 1, 8, 8))
+    model.eval()
+    x = torch.randint(0, 17, (8, 1, 8, 8), generator=torch.Generator().manual_seed(0))
     fine = torch.linspace(0, 1, 21)
-    t = optimal_times(fine, incremental_cost(model.eval(), x, fine), 6)
-    out = sample(model, 4, T=6, times=t, generator=torch.Generator().manual_seed(0))
-    assert out.shape == (4, 1, 8, 8) and 0 <= out.min() and out.max() < 17
+    t = optimal_times(fine, incremental_cost(model, x, fine, generator=torch.Generator().manual_seed(1)), 6)
+    assert (t - torch.linspace(0, 1, 7)).abs().max() > 0.01, t   # not the uniform grid, or the comparison below says nothing
+    states = []
+    out, z0 = sample(model, 4, T=6, times=t, generator=torch.Generator().manual_seed(0), return_z0=True, states=states)
+    assert torch.equal(torch.stack([s for s, _ in states]), t.flip(0)) and torch.equal(states[-1][1], z0)
+    assert not torch.equal(out, sample(model, 4, T=6, generator=torch.Generator().manual_seed(0)))
+    alpha0, _ = alpha_sigma(torch.tensor(model.schedule.gamma_min))   # fixed ends: γ(c, 0) = γ_min for every c
+    assert model.schedule.fixed_ends and out.shape == (4, 1, 8, 8)
+    assert torch.equal(out, ((z0 / alpha0 + 1) * 17 / 2 - 0.5).round().clamp(0, 16).long())
 
 
 def test_plot_writes_a_png(tmp_path):

@@ -9,7 +9,8 @@ a checkpoint of another preset; an unknown precision; a non-integer step count.
 import json, os, random, signal, subprocess, sys, time
 from pathlib import Path
 import pytest, torch
-from mulan_nb.training import main, load_checkpoint
+from mulan_nb.cli import train_main as main
+from mulan_nb.model import load_checkpoint
 from conftest import run_cli
 
 TINY = ['--set', 'channels=8', 'n_blocks=1', 'encoder_channels=8', 'encoder_blocks=1',
@@ -53,7 +54,7 @@ def test_resume_from_another_preset_is_refused(tmp_path):
 
 
 def cli(*args):
-    return [sys.executable, '-c', 'import sys; from mulan_nb.training import main; sys.exit(main())', *args]
+    return [sys.executable, '-c', 'import sys; from mulan_nb.cli import train_main; sys.exit(train_main())', *args]
 
 
 def params(path):
@@ -124,6 +125,6 @@ def test_online_sampling_grid_is_optimised_stored_and_resumed(tmp_path):
     assert run_main(['--out', str(tmp_path / 'b'), '--steps', '6', *TINY, *grid_args, '--resume'])[0] == 0
     resumed = load_checkpoint(tmp_path / 'b' / 'checkpoint.pt')['sampling_times']
     assert resumed['n_updates'] == 3 and torch.allclose(resumed['times'], times, atol=1e-6)
-    from mulan_nb.sampling import sample_main
+    from mulan_nb.cli import sample_main
     code, err = run_cli(sample_main, [str(tmp_path / 'a' / 'checkpoint.pt'), '--optimised-times', '--n', '3', '--out', str(tmp_path / 's')])
     assert code == 0 and (tmp_path / 's.npz').exists(), err
