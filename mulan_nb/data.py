@@ -42,35 +42,51 @@ def load_digits_levels(split:str='train', # 'train' or 'test'
     return ImageData(images[test if split == 'test' else ~test], 17, f'digits-{split}')
 
 # %% ../nbs/06_data.ipynb #383151c4
-def _as_nchw(a:np.ndarray, name:str) -> Tensor:
-    "An integer array N×H×W or N×C×H×W (channels first) as an int64 tensor N×C×H×W."
-    if a.dtype.kind not in 'iu':
-        if a.dtype.kind == 'f' and not np.isfinite(a).all(): raise ValueError(f"{name}: images contain NaN or inf values")
-        if a.dtype.kind == 'f' and np.all(np.mod(a, 1) == 0): a = a.astype(np.int64)
-        else: raise ValueError(f"{name}: images must be integer levels, got dtype {a.dtype}")
+def _as_nchw(a:np.ndarray, name:str, K:int) -> Tensor:
+    "An integer array N×H×W, N×C×H×W or N×H×W×C (C ∈ {1, 3, 4}) with levels in [0, K), as an int64 tensor N×C×H×W."
+    if a.dtype.kind not in 'iuf': raise ValueError(f"{name}: images must be integer levels, got dtype {a.dtype}")
     if a.ndim == 3: a = a[:, None]
     if a.ndim != 4: raise ValueError(f"{name}: images must be N×H×W or N×C×H×W, got shape {a.shape}")
-    return torch.from_numpy(a.astype(np.int64))
+    if 0 in a.shape[1:]: raise ValueError(f"{name}: images have a zero-size dimension, shape {a.shape}")
+    if len(a) == 0: return torch.zeros(a.shape, dtype=torch.int64)   # no images: the caller says how many it needs
+    if a.shape[-1] in (1, 3, 4) and a.shape[1] not in (1, 3, 4): a = a.transpose(0, 3, 1, 2)   # channels last
+    if a.dtype.kind == 'f':
+        if not np.isfinite(a).all(): raise ValueError(f"{name}: images contain NaN or inf values")
+        if not np.all(np.mod(a, 1) == 0): raise ValueError(f"{name}: images must be integer levels, got dtype {a.dtype} with fractional values")
+    lo, hi = a.min().item(), a.max().item()   # Python numbers: no wrap-around, whatever the dtype
+    if lo < 0 or hi >= K: raise ValueError(f"{name}: image levels must lie in [0, {K}), got values in [{lo:g}, {hi:g}]" if a.dtype.kind == 'f' else
+                                           f"{name}: image levels must lie in [0, {K}), got values in [{lo}, {hi}]")
+    return torch.from_numpy(np.ascontiguousarray(a).astype(np.int64))
+
+def _npz_member(arrays, key:str, path:Path) -> np.ndarray:
+    "One array of an `.npz`, or a `ValueError` naming it when it cannot be read."
+    try: return arrays[key]
+    except Exception as e: raise ValueError(f"{path}: array {key!r} is damaged ({type(e).__name__}: {str(e)[:120]})") from None
 
 def load_array_file(path:str|Path, # a .npy or .npz file
                     split:str='train', # 'train' or 'test'
                     K:int|None=None, # number of levels (default 256)
                    ) -> ImageData:
     "Images from a `.npy` (last 10% is test) or `.npz` (arrays `train` and `test`, else one array split as `.npy`)."
-    path = Path(path)
+    path, K = Path(path), 256 if K is None else K
+    if K < 2: raise ValueError(f"the number of levels K must be >= 2, got {K}")
     if not path.exists(): raise ValueError(f"data file not found: {path}")
     try: arrays = np.load(path, allow_pickle=False)
     except Exception as e: raise ValueError(f"could not read {path} as .npy/.npz: {e}") from None
     if isinstance(arrays, np.lib.npyio.NpzFile):
         keys = set(arrays.files)
-        if {'train', 'test'} <= keys: return ImageData(_as_nchw(arrays[split], str(path)), K or 256, f'{path.name}-{split}')
+        if {'train', 'test'} <= keys:
+            images, other = (_as_nchw(_npz_member(arrays, k, path), f"{path} ({k!r})", K) for k in (split, 'test' if split == 'train' else 'train'))
+            if images.shape[1:] != other.shape[1:]:
+                raise ValueError(f"{path}: the {split!r} images have shape {tuple(images.shape[1:])}, the others {tuple(other.shape[1:])}: both splits need one shape")
+            return ImageData(images, K, f'{path.name}-{split}')
         if len(keys) != 1: raise ValueError(f"{path}: an .npz needs arrays 'train' and 'test', or exactly one array; found {sorted(keys)}")
-        arrays = arrays[keys.pop()]
-    images = _as_nchw(arrays, str(path))
+        arrays = _npz_member(arrays, keys.pop(), path)
+    images = _as_nchw(arrays, str(path), K)
     if len(images) < 2: raise ValueError(f"{path}: needs at least 2 images (the last 10% form the test split), got {len(images)}")
     n_test = max(1, len(images) // 10)
     images = images[len(images) - n_test:] if split == 'test' else images[:len(images) - n_test]
-    return ImageData(images, K or 256, f'{path.name}-{split}')
+    return ImageData(images, K, f'{path.name}-{split}')
 
 # %% ../nbs/06_data.ipynb #4f0964ed
 _TORCHVISION = {'mnist': ('MNIST', 'MNIST/raw/train-images-idx3-ubyte(.gz) and t10k-images-idx3-ubyte(.gz)'),

@@ -86,6 +86,7 @@ def sample(model, # a `MuLAN` model (evaluated as it is: call `.eval()` first fo
     times = times.to(device)
     if c is None: c = model.latent.prior_sample(n, device, generator)
     model.check_latent(c, n)
+    if c is not None and not torch.isfinite(c).all(): raise ValueError("latent c has non-finite values")
     randn = lambda: torch.randn(n, *model.config.data_shape, device=device, generator=generator)
     z = randn()
     if sampler == 'ode': z, _ = ode_sample_z0(model, z, c, rtol, atol, guidance=guidance)
@@ -96,6 +97,7 @@ def sample(model, # a `MuLAN` model (evaluated as it is: call `.eval()` first fo
             g_t, g_s = g.chunk(2)
             z = ancestral_step(z, model.predict_eps(z, g_t, c, guidance=guidance), g_t, g_s, randn())
             if states is not None: states.append((s, z))
+    if not torch.isfinite(z).all(): raise FloatingPointError("sampling produced non-finite values: are the model's weights finite?")
     g0, _ = model.gamma(torch.zeros(n, device=device), c)
     x = decoder_logprobs(z, g0, model.config.K).argmax(-1)
     return (x, z) if return_z0 else x

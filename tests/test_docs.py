@@ -193,7 +193,10 @@ def test_browser_api_reference_and_sidebar(site):
     assert api is not None and api["data-name"] == "MuLAN"
     sig = api.select_one("pre.api-sig").get_text()
     assert sig.startswith("class MuLAN(") and "config: MuLANConfig | None = None" in sig and "**overrides" in sig
-    assert {m["data-name"] for m in api.select(".api-method")} >= {"MuLAN.nelbo", "MuLAN.forward"}
+    patched = {a["data-name"]: a for a in dom.select("div.api[data-kind=method]")}   # methods added with @patch, each after its own cell
+    assert {"MuLAN.nelbo", "MuLAN.forward", "MuLAN.encode", "MuLAN.gamma"} <= set(patched), sorted(patched)
+    nelbo = patched["MuLAN.nelbo"].select_one("pre.api-sig").get_text()
+    assert nelbo.startswith("def MuLAN.nelbo(") and "self" not in nelbo and "x: Tensor" in nelbo, nelbo
     assert [a["href"] for a in dom.select("nav.docs-sidebar a.active")] == ["model.html"]
     rows = {tr.td.get_text(strip=True): tr.find_all("td")[-1].get_text(strip=True)
             for tr in dom.select("div.api#mulanconfig table.api-params tbody tr")}

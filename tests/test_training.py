@@ -50,7 +50,7 @@ def test_unwritable_output_folder(tmp_path):
 def test_resume_from_another_preset_is_refused(tmp_path):
     assert run_main(['--out', str(tmp_path), '--steps', '2', *TINY])[0] == 0
     code, err = run_main(['--out', str(tmp_path), '--steps', '4', '--resume', '--preset', 'digits-vdm', *TINY])
-    assert code == 2 and 'another model' in err, err
+    assert code == 2 and 'cannot resume' in err and "preset 'digits-mulan' -> 'digits-vdm'" in err and 'model.schedule' in err, err
 
 
 def cli(*args):

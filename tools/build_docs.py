@@ -102,10 +102,11 @@ def _tree(src: str):
 
 
 def _def_names(src: str) -> list[str]:
-    "Public top-level functions and classes a cell defines (nbdev's `_def_names`)."
+    "Public top-level functions and classes a cell defines, named as nbdev's `showdoc_nm` names them (`Class.method` for a `@patch`)."
+    from nbdev.showdoc import showdoc_nm
     tree = _tree(src)
     if tree is None: return []
-    return [n.name for n in tree.body if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))
+    return [showdoc_nm(n) for n in tree.body if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))
             and (not n.name.startswith("_") or n.name.startswith("__"))]
 
 

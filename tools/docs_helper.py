@@ -63,7 +63,9 @@ def _mulan_docs_api(obj, name, src=None):
         return str(sig), {"params": parts, "returns": ra}, ps
 
     is_class = inspect.isclass(obj)
-    sig, parts, ps = signature(obj, drop_none_return=is_class)
+    patched = "." in name and not is_class   # `Class.method`, added by `@patch`: documented without `self`
+    if isinstance(obj, property): obj = obj.fget
+    sig, parts, ps = signature(obj, drop_first=patched, drop_none_return=is_class)
     try:
         from fastcore.docments import docments
         dm = docments(obj, full=True, returns=True)
@@ -112,7 +114,7 @@ def _mulan_docs_api(obj, name, src=None):
             msig = None if kind == "property" else signature(f, drop_first=kind != "staticmethod")[0]
             methods.append({"name": k, "kind": kind, "signature": msig, "doc": clean(getattr(f, "__doc__", None))})
 
-    data = {"name": name, "kind": "class" if is_class else "async function" if inspect.iscoroutinefunction(obj) else "function",
+    data = {"name": name, "kind": "class" if is_class else "method" if patched else "async function" if inspect.iscoroutinefunction(obj) else "function",
             "module": getattr(obj, "__module__", None), "signature": sig, "parts": parts, "doc": clean(doc),
             "params": params, "returns": returns, "methods": methods}
     display({"application/vnd.mulan-nb.api+json": data, "text/plain": f"<API entry of {name}>"}, raw=True)
