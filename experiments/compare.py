@@ -6,7 +6,7 @@
 Every run is `mulan_nb.training.train` with the same TrainConfig apart from the model; runs already finished
 (their result.json exists) are skipped and interrupted ones resume from their checkpoint, so the script can be
 killed and started again. The summary (JSON and a Markdown table) goes to --results; the notebook
-nbs/13_experiments.ipynb reads it and draws the figures.
+nbs/16_experiments.ipynb reads it and draws the figures.
 
 Test bpd: dense NELBO with 128 stratified draws of (t, ε, c) per test image, EMA weights (the final evaluation
 of `train`); the spread reported is the standard error over seeds. Curves: the periodic evaluation of `train`

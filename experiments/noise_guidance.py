@@ -9,7 +9,7 @@ the same times (the "excess" shift), and scores the samples with the package's F
 
 Writes `noise_guidance.json`, `shift_density.png` (w = 0 against the best w, per T), `shift_curves.png` (mean excess shift
 against t for every w) and `samples-T{T}-w{w}.png`, and prints a markdown table. w = 0 runs unguided (one network pass per
-step; identical to guidance=0, see nbs/12_noise_guidance.ipynb).
+step; identical to guidance=0, see nbs/15_noise_guidance.ipynb).
 """
 import argparse, json, math, sys, time
 from pathlib import Path

@@ -14,7 +14,7 @@ over test images of the std over pixels of γ) and the spread over images (mean 
 images of γ); std with ddof = 0.
 
 Runs go to --runs/{init}-s{seed}; finished runs (result.json) are skipped, killed ones resume from checkpoint.pt.
-The summary goes to --results/schedule-init.{json,md,png}; nbs/13_experiments.ipynb reads the JSON.
+The summary goes to --results/schedule-init.{json,md,png}; nbs/16_experiments.ipynb reads the JSON.
 """
 import argparse, json, math, os, statistics, sys, time
 from pathlib import Path

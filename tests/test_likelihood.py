@@ -2,10 +2,12 @@
 import math
 import pytest, torch
 from sklearn.datasets import load_digits
-from mulan_nb.likelihood import (GaussianReference, pf_ode_logp, mean_gamma_clock, dequantize, iw_bound, ode_bpd,
-                                 dense_elbo, DEQUANTIZATIONS)
+from mulan_nb.reference import correlated_gaussian
+from mulan_nb.pf_ode import pf_ode_logp, mean_gamma_clock
+from mulan_nb.dequantization import dequantize, iw_bound, DEQUANTIZATIONS
+from mulan_nb.likelihood import ode_bpd, dense_elbo
 from mulan_nb.model import MuLAN
-from mulan_nb.schedules import LinearSchedule, GAMMA_MIN, GAMMA_MAX
+from mulan_nb.schedules import GAMMA_MIN, GAMMA_MAX
 from mulan_nb.diffusion import alpha_sigma, levels_to_data
 from mulan_nb.bound import nats_to_bpd
 
@@ -22,19 +24,7 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def gaussian_reference(kind):
-    "Correlated Gaussian data in D = 6 and a univariate ('linear') or multivariate (γ_i = γ_min + Δ t^p_i) schedule."
-    g = torch.Generator().manual_seed(0)
-    A = torch.randn(D, D, dtype=F64, generator=g)
-    norms = (A**2).sum(1).sqrt()
-    corr = A @ A.T / torch.outer(norms, norms)
-    scale = torch.linspace(0.1, 0.5, D, dtype=F64)
-    mu, Sigma = torch.linspace(-0.5, 0.5, D, dtype=F64), scale[:, None] * (0.2 * corr + 0.8 * torch.eye(D, dtype=F64)) * scale
-    if kind == 'linear':
-        lin = LinearSchedule((D,))
-        return GaussianReference(mu, Sigma, lambda t: lin(t.reshape(1)))
-    p, delta = torch.linspace(1, 3, D, dtype=F64), GAMMA_MAX - GAMMA_MIN
-    return GaussianReference(mu, Sigma, lambda t: (GAMMA_MIN + delta * t**p, delta * p * t**(p - 1)))
+gaussian_reference = correlated_gaussian   # D = 6 correlated dimensions, a 'linear' or 'multivariate' schedule
 
 
 def start(ref, n, seed=1):

@@ -195,3 +195,30 @@ def test_non_finite_fields_stop_the_ode_with_one_line(tiny_checkpoint):
     with pytest.raises(ValueError, match='non-finite'):
         from mulan_nb.sampling import sample
         sample(MuLAN.from_preset('digits-mulan', channels=8, n_blocks=1), 2, T=2, c=torch.full((2, 8), float('nan')))
+
+
+def test_floats_where_counts_are_expected_are_value_errors():
+    from mulan_nb.likelihood import dense_elbo
+    from mulan_nb.dequantization import dequantize
+    from mulan_nb.pf_ode import divergence_probes
+    from mulan_nb.sampling import sample
+    model, x = MuLAN.from_preset('digits-mulan', channels=8, n_blocks=1), torch.zeros(2, 1, 8, 8, dtype=torch.long)
+    for call, words in [(lambda: dense_elbo(model, x, n_t=2.5), 'n_t must be an integer, got 2.5'),
+                        (lambda: dense_elbo(model, x, batch_size=0), 'batch_size must be >= 1'),
+                        (lambda: dequantize(x, 17, torch.tensor(-8.), n_samples=2.0), 'n_samples must be an integer'),
+                        (lambda: divergence_probes((2, 64), 'hutchinson', n_probes=True), 'n_probes must be an integer'),
+                        (lambda: sample(model, 2.5, T=3), 'n and T must be integers')]:
+        with pytest.raises(ValueError, match=words.replace('(', r'\(')): call()
+
+
+def test_sampling_decodes_in_chunks_with_the_same_result(monkeypatch):
+    "The decoder's (n, D, K) logits are built a few rows at a time: many samples cannot fail at the very end for memory."
+    import mulan_nb.sampling as sampling
+    model = MuLAN.from_preset('digits-mulan', channels=8, n_blocks=1).eval()
+    whole = sampling.sample(model, 40, T=3, generator=torch.Generator().manual_seed(0))
+    calls = []
+    real = sampling.decoder_logprobs
+    monkeypatch.setattr(sampling, 'decoder_logprobs', lambda z, g, K: (calls.append(len(z)), real(z, g, K))[1])
+    monkeypatch.setattr(sampling, 'DECODE_LOGITS', 16 * 64 * 17)   # 16 images' logits per chunk
+    chunked = sampling.sample(model, 40, T=3, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(whole, chunked) and calls == [16, 16, 8]

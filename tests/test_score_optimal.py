@@ -1,36 +1,16 @@
 "Score-optimal sampling times: the cost against closed forms, Algorithm 1 against a known answer, the grids' invariants, the online blend, bad input."
 import math
-from types import SimpleNamespace
+from functools import partial
 import pytest
 import torch
 from mulan_nb.diffusion import alpha_sigma, levels_to_data
-from mulan_nb.latents import NoLatent
+from mulan_nb.reference import GaussianModel
 from mulan_nb.model import MuLAN
-from mulan_nb.schedules import LinearSchedule, PolynomialSchedule
 from mulan_nb.score_optimal import (incremental_cost, step_costs, cost_ratio, cumulative_length, optimal_times, edm_times,
                                     hand_tuned_times, blend_times, OnlineTimes, plot_step_costs)
 
 
-class Gaussian(torch.nn.Module):
-    "Data N(μ, s²) per dimension, exact ε̂, a per-dimension polynomial schedule (random coefficients) or the linear one."
-    def __init__(self, mu, s, K=2**16, linear=False, seed=0):
-        super().__init__()
-        self.mu, self.s, self.latent = mu, s, NoLatent()
-        self.config = SimpleNamespace(data_shape=tuple(mu.shape), K=K)
-        if linear: self.schedule = LinearSchedule(mu.shape, gamma_min=-8., gamma_max=5.)
-        else:
-            torch.manual_seed(seed)
-            self.schedule = PolynomialSchedule(mu.shape, 0, gamma_min=-8., gamma_max=5.)
-            with torch.no_grad():
-                for p in self.schedule.parameters(): p.add_(torch.randn_like(p))
-    def encode(self, x, generator=None): return None, torch.zeros(len(x))
-    def gamma(self, t, c=None): return self.schedule(t)
-    def predict_eps(self, z, gamma, c=None, guidance=None):
-        alpha, sigma = alpha_sigma(gamma)
-        return sigma * (z - alpha * self.mu) / (alpha**2 * self.s**2 + sigma**2)
-    def data(self, n, seed=777):
-        f = self.mu + self.s * torch.randn(n, *self.mu.shape, generator=torch.Generator().manual_seed(seed))
-        return ((f + 1) * self.config.K / 2).floor().long().clamp(0, self.config.K - 1)
+Gaussian = partial(GaussianModel, gamma_min=-8., gamma_max=5.)   # the shared reference model on γ from -8 to 5
 
 
 @pytest.fixture(scope='module')
