@@ -9,10 +9,9 @@ __all__ = ['SAMPLERS', 'DECODE_LOGITS', 'ancestral_step', 'check_times', 'ode_sa
 import math
 import torch
 from torch import Tensor
-from torchdiffeq import odeint
 from .diffusion import alpha_sigma
 from .bound import decoder_logprobs
-from .pf_ode import pf_velocity
+from .pf_ode import pf_velocity, solve_ode, check_finite_field
 
 # %% ../nbs/11_sampling.ipynb #c32519a5
 def ancestral_step(z:Tensor, # z_t, shape (B, *data_shape)
@@ -57,9 +56,11 @@ def ode_sample_z0(model, # a `MuLAN` (or anything with its `gamma` and `predict_
     def field(t, z):
         nonlocal nfe; nfe += 1
         gamma, dgamma = model.gamma(t.expand(n), c)
-        return pf_velocity(model.predict_eps(z, gamma, c, guidance=guidance), z, gamma, dgamma)
+        v = pf_velocity(model.predict_eps(z, gamma, c, guidance=guidance), z, gamma, dgamma)
+        check_finite_field(v, t, nfe)
+        return v
     grid = torch.tensor([1., 0.], device=z1.device, dtype=z1.dtype)
-    return odeint(field, z1, grid, rtol=rtol, atol=atol, method=method)[-1], nfe
+    return solve_ode(field, z1, grid, rtol, atol, method, nfe=lambda: nfe), nfe
 
 DECODE_LOGITS = 2**24   # the decoder's logits (n, D, K) are built at most this many at a time
 

@@ -228,8 +228,13 @@ class OptimiseTimes:
 
     @property
     def sampling_times(self) -> Tensor: return self.online.times
-    def state_dict(self) -> dict: return self.online.state_dict()
-    def load_state_dict(self, state:dict): self.online.load_state_dict(state)
+    def state_dict(self) -> dict: return {**self.online.state_dict(), 'every': self.every}
+    def load_state_dict(self, state:dict):
+        "Restore the grid; refused when the settings differ from this callback's (a resume continues the same grid or says why not)."
+        mine = dict(every=self.every, T=self.online.T, weight=self.online.weight, warmup=self.online.warmup)
+        theirs = {k: state.get(k, mine[k]) for k in mine}   # checkpoints of earlier sessions have no 'every'
+        if theirs != mine: raise ValueError(f"the run's online sampling grid has the settings {theirs}, this run {mine}: resume with the same --optimise-times-* and --sample-steps")
+        self.online.load_state_dict(state)
     def result(self, trainer) -> dict: return {'sampling_times': self.online.times.tolist()}
 
 # %% ../nbs/14_score_optimal.ipynb #9daaa41d

@@ -5,7 +5,7 @@
 # %% auto #0
 __all__ = ['RUN_FILES', 'RESUME_FIXED', 'TERMS', 'TrainConfig', 'lr_at', 'ema_decay', 'ema_update', 'shard_seed',
            'init_distributed', 'all_reduce_sum', 'plot_learning_curves', 'plot_schedules', 'claim_run_folder',
-           'data_fingerprint', 'Trainer', 'resume_changes', 'RunInterrupted', 'train']
+           'clear_run_folder', 'data_fingerprint', 'Trainer', 'resume_changes', 'RunInterrupted', 'train']
 
 # %% ../nbs/12_training.ipynb #134aa6fc
 import copy, fcntl, hashlib, json, math, os, sys, time
@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 from fastcore.basics import patch
-from .model import MuLAN, MuLANConfig, PRESETS, parameter_counts, save_checkpoint, load_checkpoint, check_device, check_field_types
+from .model import MuLAN, MuLANConfig, PRESETS, parameter_counts, save_checkpoint, load_checkpoint, check_device, check_field_types, write_atomic
 from .data import load_data, batch_indices, ImageData, plot_samples
 from .likelihood import dense_elbo, json_ready
 from .sampling import sample
@@ -125,7 +125,8 @@ def plot_learning_curves(metrics:list[dict], path:str|Path) -> None:
     test = [m for m in metrics if m.get('kind') == 'eval']
     fig, ax = plt.subplots(figsize=(6, 4))
     if train: ax.plot([m['step'] for m in train], [m['bpd'] for m in train], lw=1, alpha=0.7, label='train NELBO (batch mean)')
-    if test: ax.errorbar([m['step'] for m in test], [m['bpd'] for m in test], yerr=[m['se'] for m in test], marker='o', label='test NELBO (EMA)')
+    nan = lambda v: float('nan') if v is None else v   # JSON holds null for an undefined error
+    if test: ax.errorbar([m['step'] for m in test], [nan(m['bpd']) for m in test], yerr=[nan(m['se']) for m in test], marker='o', label='test NELBO (EMA)')
     ax.set_xlabel('step'); ax.set_ylabel('bits per dimension'); ax.set_yscale('log'); ax.legend(); ax.grid(alpha=0.3)
     fig.tight_layout(); fig.savefig(path, dpi=100); plt.close(fig)
 
@@ -199,12 +200,14 @@ def claim_run_folder(out:Path, # the run's folder (created)
     lock.seek(0); lock.truncate(); lock.write(str(os.getpid())); lock.flush()
     for tmp in out.glob('checkpoint.pt.tmp*'): tmp.unlink()   # the lock is ours: no live writer owns them
     held = [f for f in RUN_FILES[:2] if (out / f).exists() and (out / f).stat().st_size]
-    if held and not resume:
-        if not overwrite:
-            lock.close()
-            raise ValueError(f"{out} holds a run already ({', '.join(held)}): continue it with --resume, start it over with --overwrite, or choose another --out")
-        for f in RUN_FILES: (out / f).unlink(missing_ok=True)
+    if held and not resume and not overwrite:
+        lock.close()
+        raise ValueError(f"{out} holds a run already ({', '.join(held)}): continue it with --resume, start it over with --overwrite, or choose another --out")
     return lock
+
+def clear_run_folder(out:Path) -> None:
+    "Remove what a run and the commands wrote in `out` (for `overwrite`, once the new run is set up): its files, `eval-*.json`, `samples-*`."
+    for f in [*(out / f for f in RUN_FILES), *out.glob('eval-*.json'), *out.glob('samples-*')]: f.unlink(missing_ok=True)
 
 # %% ../nbs/12_training.ipynb #7a1e0002
 def data_fingerprint(images:Tensor) -> str:
@@ -232,7 +235,26 @@ class Trainer:
         if cfg.batch_size > len(train_data): raise ValueError(f"batch size {cfg.batch_size} is larger than the training set ({len(train_data)} images)")
         self.fingerprint = data_fingerprint(train_data.images)
         self.out = Path(cfg.out); self.ckpt_path, self.metrics_path = self.out / 'checkpoint.pt', self.out / 'metrics.jsonl'
-        self.lock = claim_run_folder(self.out, resume, overwrite) if self.rank == 0 else None
+        self.lock = self._claim(resume, overwrite)
+        try: self._build(train_data, test_data, resume, overwrite)
+        except BaseException:   # a failed set-up leaves the folder free (a traceback kept by IPython must not hold the lock)
+            if self.lock is not None: self.lock.close()
+            raise
+
+    def _claim(self, resume, overwrite):
+        "Rank 0 claims the folder; under torchrun every process stops with it when it cannot."
+        error, lock = None, None
+        if self.rank == 0:
+            try: lock = claim_run_folder(self.out, resume, overwrite)
+            except ValueError as e: error = e
+        if self.world > 1:
+            failed = torch.tensor([float(error is not None)], device=self.device); dist.all_reduce(failed)
+            if failed.item() and error is None: raise ValueError(f"rank 0 could not claim {self.out} (its message says why)")
+        if error is not None: raise error
+        return lock
+
+    def _build(self, train_data, test_data, resume, overwrite):
+        cfg = self.cfg
         self.mcfg = cfg.model_config(train_data)
         torch.manual_seed(cfg.seed)
         self.model = MuLAN(self.mcfg).to(self.device)
@@ -240,9 +262,14 @@ class Trainer:
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, betas=(0.9, 0.99), eps=1e-8, weight_decay=cfg.weight_decay)
         self.step, self.nonfinite_run, self.nonfinite_total, self.ckpt_step = 0, 0, 0, None
         if resume: self.restore(load_checkpoint(self.ckpt_path, map_location=self.device))
-        self.metrics, note = _read_jsonl(self.metrics_path, self.step) if self.rank == 0 else ([], None)
-        if note: self.say(f"note: {note}")
-        if self.rank == 0: self.metrics_path.write_text(''.join(json.dumps(json_ready(r), allow_nan=False) + '\n' for r in self.metrics))
+        if self.rank == 0:
+            if overwrite: clear_run_folder(self.out)   # only now that the new run is set up
+            rows, note = _read_jsonl(self.metrics_path, self.step)
+            if note: self.say(f"note: {note}")
+            finished = self.step == cfg.steps   # a run killed after its last checkpoint: its final evaluation is redone
+            self.metrics = [r for r in rows if not (finished and r.get('kind') == 'eval' and r['step'] == self.step)]
+            write_atomic(self.metrics_path, lambda fh: fh.writelines(json.dumps(json_ready(r), allow_nan=False) + '\n' for r in self.metrics))
+        else: self.metrics = []
         self.forward = torch.compile(self.model) if cfg.compile else self.model
         self.xtrain, self.xtest = train_data.images.to(self.device), test_data.images.to(self.device)
         self.autocast = dict(device_type=self.device.type, dtype=torch.bfloat16, enabled=cfg.precision == 'bf16')
@@ -259,7 +286,8 @@ def resume_changes(state:dict, # the checkpoint
                    world:int, fingerprint:str, # process count and data fingerprint now
                   ) -> tuple[list[str], list[str]]:
     "(refused, allowed): the differences between the checkpoint's run and this one, each as 'field old -> new'."
-    old_cfg = asdict(MuLANConfig(**state['config']))   # with the defaults of fields added since it was written
+    try: old_cfg = asdict(MuLANConfig(**state['config']))   # with the defaults of fields added since it was written
+    except (TypeError, ValueError) as e: raise ValueError(f"the checkpoint's model config does not fit this version of mulan_nb: {e}") from None
     refused = [f"model.{k} {old_cfg[k]!r} -> {v!r}" for k, v in asdict(mcfg).items() if old_cfg.get(k) != v]
     old, new = state['train'], asdict(cfg)
     refused += [f"{k} {old.get(k)!r} -> {new[k]!r}" for k in RESUME_FIXED if k != 'model' and old.get(k) != new[k]]
@@ -277,11 +305,17 @@ def restore(self:Trainer, state:dict, # a checkpoint written by `Trainer.checkpo
     refused, allowed = resume_changes(state, self.cfg, self.mcfg, self.world, self.fingerprint)
     if refused: raise ValueError(f"cannot resume {self.ckpt_path} exactly: {'; '.join(refused)} (keep them, or start a new run in another --out)")
     for change in allowed: self.say(f"resuming with {change}")
+    stored = set(state.get('callbacks', [k for k in ('sampling_times',) if k in state]))   # earlier checkpoints have no list
+    given = {cb.key for cb in self.callbacks if getattr(cb, 'key', None)}
+    if stored != given:
+        raise ValueError(f"cannot resume {self.ckpt_path} exactly: it was trained with the callbacks {sorted(stored) or 'none'}, this run has {sorted(given) or 'none'} "
+                         f"(for 'sampling_times': the same --optimise-times-* options)")
     self.model.load_state_dict(state['model']); self.ema.load_state_dict(state['ema']); self.opt.load_state_dict(state['optimizer'])
+    for g in self.opt.param_groups: g['weight_decay'] = self.cfg.weight_decay   # a stated change is applied (the lr is set every step)
     self.step, self.nonfinite_total, self.ckpt_step = state['step'], state['nonfinite_total'], state['step']
-    torch.set_rng_state(state['rng_cpu'])
+    torch.set_rng_state(state['rng_cpu'].cpu())
     for cb in self.callbacks:
-        if getattr(cb, 'key', None) in state: cb.load_state_dict(state[cb.key])
+        if getattr(cb, 'key', None): cb.load_state_dict(state[cb.key])
     if self.step > self.cfg.steps: raise ValueError(f"checkpoint is at step {self.step}, beyond --steps {self.cfg.steps}; ask for at least {self.step} steps to continue")
 
 # %% ../nbs/12_training.ipynb #7a1e0006
@@ -335,12 +369,13 @@ def evaluate(self:Trainer, n_t:int, # draws of (t, ε, c) per test image
 @patch
 def checkpoint(self:Trainer) -> None:
     "Write everything a resume needs (rank 0), atomically."
+    self.ckpt_step = self.step
     if self.rank: return
     extra = {cb.key: cb.state_dict() for cb in self.callbacks if getattr(cb, 'key', None)}
+    extra['callbacks'] = sorted(extra)
     save_checkpoint(self.ckpt_path, dict(model=self.model.state_dict(), ema=self.ema.state_dict(), optimizer=self.opt.state_dict(), step=self.step,
                                          config=asdict(self.mcfg), train=asdict(self.cfg), nonfinite_total=self.nonfinite_total,
                                          rng_cpu=torch.get_rng_state(), world_size=self.world, data_fingerprint=self.fingerprint, **extra))
-    self.ckpt_step = self.step
 
 # %% ../nbs/12_training.ipynb #7a1e0012
 @patch(as_prop=True)
@@ -366,7 +401,7 @@ def finish(self:Trainer) -> dict:
                       pictures=[str(out / f) for f in ('learning_curves.png', 'samples.png', 'schedules.png') if (out / f).exists()])
         for cb in self.callbacks:
             if hasattr(cb, 'result'): result.update(cb.result(self))
-        (out / 'result.json').write_text(json.dumps(json_ready(result), indent=1, allow_nan=False))
+        write_atomic(out / 'result.json', lambda fh: fh.write(json.dumps(json_ready(result), indent=1, allow_nan=False)))
     if self.world > 1: dist.barrier()
     return result
 
@@ -380,8 +415,8 @@ def fit(self:Trainer) -> dict:
     "Train from the current step to `cfg.steps`, then `finish`."
     try: return self._fit()
     except KeyboardInterrupt as e:
-        held = f"its checkpoint is at step {self.ckpt_step}: continue with --resume" if self.ckpt_step is not None else "no checkpoint was written yet"
-        raise RunInterrupted(f"stopped ({e or 'interrupted'}) at step {self.step}; {self.out} {held}") from None
+        held = f"{self.out} holds its checkpoint of step {self.ckpt_step}: continue with --resume" if self.ckpt_step is not None else f"no checkpoint in {self.out} yet"
+        raise RunInterrupted(f"stopped ({e or 'interrupted'}) at step {self.step}; {held}") from None
     finally:
         if self.lock is not None: self.lock.close()
 
@@ -390,6 +425,12 @@ def _fit(self:Trainer) -> dict:
     cfg, main = self.cfg, self.rank == 0
     bar = _progress(cfg.steps, self.step, self.progress and main)
     t_last, s_last, pending = time.perf_counter(), self.step, []
+    def periodic_eval():
+        row = self.evaluate(cfg.eval_n_t); pending.append(row); self.metrics.append(row)
+        if self.step == self.ckpt_step: _append_jsonl(self.metrics_path, pending); pending.clear()   # a resume starts after this step: keep its row
+        if bar is not None: bar.write(f"step {self.step}: test bpd {row['bpd']:.4f} ± {row['se']:.4f} ({cfg.eval_n_t} draws per image, EMA)")
+    due = lambda: main and cfg.eval_every and self.step % cfg.eval_every == 0 and 0 < self.step < cfg.steps
+    if due() and not any(r.get('kind') == 'eval' and r['step'] == self.step for r in self.metrics): periodic_eval()   # killed during this evaluation
     self.model.train()
     while self.step < cfg.steps:
         sums = self.one_step()
@@ -402,12 +443,9 @@ def _fit(self:Trainer) -> dict:
             if bar is not None: bar.set_postfix(bpd=f"{row['bpd']:.3f}", skipped=self.nonfinite_total, refresh=False)
         if bar is not None: bar.update(1)
         if self.step % cfg.ckpt_every == 0 or self.step == cfg.steps:
-            if main: _append_jsonl(self.metrics_path, pending); pending = []
+            if main: _append_jsonl(self.metrics_path, pending); pending.clear()
             self.checkpoint()
-        if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < cfg.steps and main:
-            row = self.evaluate(cfg.eval_n_t); pending.append(row); self.metrics.append(row)
-            if self.step == self.ckpt_step: _append_jsonl(self.metrics_path, pending); pending = []   # a resume starts after this step: keep its row
-            if bar is not None: bar.write(f"step {self.step}: test bpd {row['bpd']:.4f} ± {row['se']:.4f} ({cfg.eval_n_t} draws per image, EMA)")
+        if due(): periodic_eval()
     if bar is not None: bar.close()
     return self.finish()
 

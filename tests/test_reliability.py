@@ -9,7 +9,7 @@ What is tried here, besides tests/test_model.py and tests/test_training.py:
 - hypothesis: random valid model configs give finite per-example bounds of the right shape; random
   command-line integers are either accepted or refused with exit code 2 and one line.
 
-Bad input, faults and misuse tried across tests/ (142 distinct cases; library: a ValueError naming the problem; commands: exit
+Bad input, faults and misuse tried across tests/ (147 distinct cases; library: a ValueError naming the problem; commands: exit
 code 2 and one line on stderr, no traceback):
 
 | where | cases | what |
@@ -27,7 +27,7 @@ code 2 and one line on stderr, no traceback):
 | test_likelihood: `ode_bpd` | 13 | dtype, shape, levels, unknown dequantization / divergence / variable / solver, n_samples 0, n_probes 0, rtol 0, ... |
 | test_likelihood: `dense_elbo`, `pf_ode_logp` | 5 | dtype, shape, n_t 0, batch_size 0; integer state |
 | test_likelihood: `mulan_eval` | 13 | missing checkpoint, --first < 0, --n-t 0, --batch-size 0, --n-samples 0, --ode-batch 0, --rtol 0, unknown method / divergence / data set, data of another shape, unwritable result, non-integer --n-t |
-| test_runs: run folders, signals, resume, outputs, counts | 45 | fresh run over a run, of another preset, --resume with --overwrite; a second process on the folder; SIGTERM; a kill mid-write; stale temporaries; a torn and a damaged metrics line; a crash in a mid-run evaluation; resume with another seed / batch / accum / model / data name / data content; 12 values typed on the command line (non-finite γ ends and rates, overflowing Fourier exponents, 2.5 and True for integers, a string for a boolean, --levels 0, unknown and missing devices); mulan_eval onto the checkpoint and onto a foreign file, mulan_sample onto a foreign file, NaN in JSON, an empty result file after a failure; an edited checkpoint, one without EMA weights, one with non-finite weights, a missing CUDA device; a non-finite ODE field, a non-finite latent; floats and bools for counts in dense_elbo / dequantize / divergence_probes / sample, a zero batch_size; many samples decoded in chunks |
+| test_runs: run folders, signals, resume, outputs, counts | 50 | fresh run over a run, of another preset, --resume with --overwrite; a second process on the folder; SIGTERM; a kill mid-write; stale temporaries; a torn and a damaged metrics line; a crash in a mid-run evaluation; resume with another seed / batch / accum / model / data name / data content; 12 values typed on the command line (non-finite γ ends and rates, overflowing Fourier exponents, 2.5 and True for integers, a string for a boolean, --levels 0, unknown and missing devices); mulan_eval onto the checkpoint and onto a foreign file, mulan_sample onto a foreign file, NaN in JSON, an empty result file after a failure; an edited checkpoint, one without EMA weights, one with non-finite weights, a missing CUDA device; a non-finite ODE field, a non-finite latent; floats and bools for counts in dense_elbo / dequantize / divergence_probes / sample, a zero batch_size; many samples decoded in chunks; a kill inside a checkpointed evaluation; a resume without the run's callback or with other grid settings; a weight-decay change on resume; a failed set-up with its traceback kept; a resume with null test errors |
 """
 import math
 import numpy as np

@@ -222,3 +222,60 @@ def test_sampling_decodes_in_chunks_with_the_same_result(monkeypatch):
     monkeypatch.setattr(sampling, 'DECODE_LOGITS', 16 * 64 * 17)   # 16 images' logits per chunk
     chunked = sampling.sample(model, 40, T=3, generator=torch.Generator().manual_seed(0))
     assert torch.equal(whole, chunked) and calls == [16, 16, 8]
+
+
+def test_a_run_killed_during_a_checkpointed_evaluation_redoes_it_on_resume(tmp_path, monkeypatch):
+    "Checkpoint first, then the evaluation: a kill inside it must not lose that step's test row."
+    cfg = lambda steps: TrainConfig(model=dict(channels=8, n_blocks=1, encoder_channels=8, encoder_blocks=1), steps=steps, batch_size=16,
+                                    ckpt_every=2, eval_every=2, eval_n_t=1, final_n_t=1, log_every=1, out=str(tmp_path / 'a'), n_samples=0)
+    real = Trainer.evaluate
+    def killed(self, n_t):
+        if self.step == 2: raise KeyboardInterrupt('SIGTERM')
+        return real(self, n_t)
+    monkeypatch.setattr(Trainer, 'evaluate', killed)
+    with pytest.raises(KeyboardInterrupt, match='checkpoint of step 2'): Trainer(cfg(4), progress=False).fit()
+    monkeypatch.setattr(Trainer, 'evaluate', real)
+    Trainer(cfg(4), resume=True, progress=False).fit()
+    ref = TrainConfig(**{**cfg(4).__dict__, 'out': str(tmp_path / 'b')})
+    Trainer(ref, progress=False).fit()
+    rows = lambda d: [(r['kind'], r['step'], r['bpd']) for r in map(json.loads, (tmp_path / d / 'metrics.jsonl').read_text().splitlines())]
+    assert rows('a') == rows('b') and ('eval', 2) in [r[:2] for r in rows('a')]
+
+
+def test_a_resume_without_the_runs_callback_or_with_other_settings_is_refused(tmp_path):
+    grid = ['--optimise-times-every', '1', '--optimise-times-warmup', '0']
+    assert train(tmp_path, '--steps', '2', *grid)[0] == 0
+    code, err = train(tmp_path, '--steps', '3', '--resume')
+    assert code == 2 and "trained with the callbacks ['sampling_times']" in err, err
+    code, err = train(tmp_path, '--steps', '3', '--resume', '--optimise-times-every', '2', '--optimise-times-warmup', '0')
+    assert code == 2 and "'every': 1" in err, err
+    assert train(tmp_path, '--steps', '3', '--resume', *grid)[0] == 0
+
+
+def test_a_stated_weight_decay_change_is_applied(tmp_path, monkeypatch):
+    assert train(tmp_path, '--steps', '2')[0] == 0
+    seen = []
+    real = Trainer.one_step
+    monkeypatch.setattr(Trainer, 'one_step', lambda self: (seen.append(self.opt.param_groups[0]['weight_decay']), real(self))[1])
+    code, err = train(tmp_path, '--steps', '3', '--weight-decay', '0.05', '--resume')
+    assert code == 0 and 'weight_decay 0.01 -> 0.05' in err and seen == [0.05], (err, seen)
+
+
+def test_a_failed_set_up_leaves_the_folder_free(tmp_path):
+    assert train(tmp_path, '--steps', '2')[0] == 0
+    with pytest.raises(ValueError, match='cannot resume') as kept:   # kept alive, as IPython keeps the last traceback (and the Trainer in it)
+        Trainer(TrainConfig(model=dict(channels=8, n_blocks=1, encoder_channels=8, encoder_blocks=1), steps=3, batch_size=16, seed=1,
+                            out=str(tmp_path), n_samples=0, eval_every=0), resume=True, progress=False)
+    code, err = train(tmp_path, '--steps', '3', '--resume')
+    assert code == 0 and kept.value is not None, err
+
+
+def test_a_run_whose_test_errors_are_null_resumes(tmp_path):
+    "One test image: the standard error is undefined, stored as null; a resume reads it back and plots it."
+    np.save(tmp_path / 'd.npy', np.random.default_rng(0).integers(0, 17, (15, 8, 8)))
+    more = ['--data', str(tmp_path / 'd.npy'), '--levels', '17', '--batch-size', '8', '--eval-every', '1']
+    assert train(tmp_path / 'run', '--steps', '2', *more)[0] == 0
+    code, err = train(tmp_path / 'run', '--steps', '3', '--resume', *more)
+    assert code == 0, err
+    res = json.loads((tmp_path / 'run' / 'result.json').read_text())
+    assert res['test_se'] is None and 'fewer than 2 images' in res['test_se_note'] and res['steps'] == 3
