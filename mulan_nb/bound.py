@@ -18,12 +18,14 @@ def sum_dims(x: Tensor) -> Tensor:
     "Sum over every dimension but the first (batch): shape (B, ...) -> (B,)."
     return x.reshape(x.shape[0], -1).sum(1)
 
+# %% ../nbs/01_bound.ipynb #2ead211b
 def stratified_times(n: int, # batch size
                      device=None, generator: torch.Generator|None=None) -> Tensor:
     "`n` times in [0, 1), shape (n,): `t_i = (u + i/n) mod 1` with one `u ~ U(0, 1)`."
     u = torch.rand((), device=device, generator=generator)
     return torch.remainder(u + torch.arange(n, device=device) / n, 1.0)
 
+# %% ../nbs/01_bound.ipynb #344e511a
 def discretize_times(t: Tensor, # times in [0, 1)
                      T: int, # number of steps
                     ) -> tuple[Tensor, Tensor]:
@@ -41,6 +43,7 @@ def diffusion_weight(gamma_t: Tensor, # γ(t), broadcastable to the data
     if T == 0: return dgamma_t
     return T * torch.expm1(gamma_t - gamma_s)
 
+# %% ../nbs/01_bound.ipynb #58bb979c
 def diffusion_loss(eps: Tensor, # the noise used to make z_t, shape (B, *data_shape)
                    eps_hat: Tensor, # the denoiser's prediction of it
                    weight: Tensor, # `diffusion_weight`, broadcastable to `eps`
@@ -54,6 +57,7 @@ def v_target(f: Tensor, eps: Tensor, gamma: Tensor) -> Tensor:
     alpha, sigma = alpha_sigma(gamma)
     return alpha * eps - sigma * f
 
+# %% ../nbs/01_bound.ipynb #047ff521
 def eps_from_v(v_hat: Tensor, # predicted v
                z: Tensor, # the noisy input z_t
                gamma: Tensor, # γ(t), broadcastable to z
@@ -74,6 +78,7 @@ def decoder_logprobs(z0: Tensor, # z_0 = α_0 f + σ_0 ε, shape (B, *data_shape
     logits = -0.5 * ((z_tilde - level_values(K, z0.device, z0.dtype)) * inv_scale) ** 2
     return torch.log_softmax(logits, dim=-1)
 
+# %% ../nbs/01_bound.ipynb #6b182764
 def recon_loss(x: Tensor, # integer images, shape (B, *data_shape)
                z0: Tensor, # z_0, shape of x
                gamma0: Tensor, # γ(0), broadcastable to x

@@ -59,6 +59,7 @@ def claim_output(path:Path, # the file the command will write
         raise ValueError(f"cannot write to {path.parent}")
     return path
 
+# %% ../nbs/17_cli.ipynb #9c2e96f5
 def is_json_with(key:str) -> typing.Callable[[Path], bool]:
     "A test of ownership: the file is JSON holding `key`."
     def test(path):
@@ -73,18 +74,22 @@ def finite_float(text:str) -> float:
     if not math.isfinite(v): raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
     return v
 
+# %% ../nbs/17_cli.ipynb #1d852c5f
 def positive_int(text:str) -> int:
     "A count option's value: an integer >= 1."
     v = int(text)
     if v < 1: raise argparse.ArgumentTypeError(f"must be >= 1, got {v}")
     return v
 
+# %% ../nbs/17_cli.ipynb #cae1645b
 def positive_float(text:str) -> float:
     "A positive float option's value (a tolerance, a rate): finite and > 0."
     v = finite_float(text)
     if v <= 0: raise argparse.ArgumentTypeError(f"must be > 0, got {v}")
     return v
 # how argparse names them in "invalid ... value"
+
+# %% ../nbs/17_cli.ipynb #b948a360
 finite_float.__name__, positive_int.__name__, positive_float.__name__ = 'finite float', 'integer >= 1', 'positive float'
 
 def option_type(anno, # a parameter's annotation
@@ -119,6 +124,7 @@ def add_options(parser:argparse.ArgumentParser, # where to add them
         parser.add_argument(flag, dest=dest, type=kind, default=default, choices=choices.get(name), help=f"{text} (default: {default})")
     return dests
 
+# %% ../nbs/17_cli.ipynb #b5a58abc
 def subset(params:dict, names:list) -> dict:
     "The entries of `params` named in `names`, in that order."
     return {k: params[k] for k in names}
@@ -138,6 +144,7 @@ def model_overrides(items:list[str], # KEY=VALUE strings
         except (ValueError, SyntaxError): out[key] = value
     return out
 
+# %% ../nbs/17_cli.ipynb #9922a724
 def train_parser() -> tuple[argparse.ArgumentParser, dict, dict]:
     "The parser of `mulan_train`, and the {dest: name} maps of the `TrainConfig` and `OptimiseTimes` options."
     p = OneLineParser(prog='mulan_train', description='Train a MuLAN (or VDM) model on the variational bound. With no arguments: digits-mulan on the embedded digits.')
@@ -205,6 +212,7 @@ def _eval_images(a, model, run) -> torch.Tensor:
                          f"the model wants {model.config.K} and {model.config.data_shape}")
     return (data.images[:a.first] if a.first else data.images).to(a.device)
 
+# %% ../nbs/17_cli.ipynb #d6b3a034
 def _eval_ode(a, model, x, ode_kw) -> tuple:
     "Per-image bpd, NFE, estimator and extra entries of `mulan_eval --method ode`."
     gen = torch.Generator(a.device).manual_seed(a.seed)
@@ -256,6 +264,7 @@ def _is_samples_file(path:Path) -> bool:
         with np.load(path) as f: return {'samples', 'K'} <= set(f.files)
     except (OSError, ValueError, EOFError): return False
 
+# %% ../nbs/17_cli.ipynb #8352f06d
 def sample_parser() -> tuple[argparse.ArgumentParser, dict]:
     "The parser of `mulan_sample`, and the {dest: name} map of the `sample` options."
     p = OneLineParser(prog='mulan_sample', description='Draw samples from a mulan_nb checkpoint (EMA weights).')
@@ -269,6 +278,7 @@ def sample_parser() -> tuple[argparse.ArgumentParser, dict]:
     p.add_argument('--raw', action='store_true', help='use the raw weights instead of the EMA')
     return p, opts
 
+# %% ../nbs/17_cli.ipynb #196e3170
 def sample_main(argv:list[str]|None=None) -> int:
     "Console entry point `mulan_sample`."
     parser, dests = sample_parser()

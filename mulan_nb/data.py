@@ -58,11 +58,13 @@ def _as_nchw(a:np.ndarray, name:str, K:int) -> Tensor:
                                            f"{name}: image levels must lie in [0, {K}), got values in [{lo}, {hi}]")
     return torch.from_numpy(np.ascontiguousarray(a).astype(np.int64))
 
+# %% ../nbs/06_data.ipynb #800fccb9
 def _npz_member(arrays, key:str, path:Path) -> np.ndarray:
     "One array of an `.npz`, or a `ValueError` naming it when it cannot be read."
     try: return arrays[key]
     except Exception as e: raise ValueError(f"{path}: array {key!r} is damaged ({type(e).__name__}: {str(e)[:120]})") from None
 
+# %% ../nbs/06_data.ipynb #c1abc27c
 def load_array_file(path:str|Path, # a .npy or .npz file
                     split:str='train', # 'train' or 'test'
                     K:int|None=None, # number of levels (default 256)
@@ -143,6 +145,7 @@ def image_panel(img:Tensor, # one integer image (C, H, W)
     if C == 3: return img.permute(1, 2, 0).numpy()
     return torch.cat(list(img), dim=1).numpy()
 
+# %% ../nbs/06_data.ipynb #957e849a
 def plot_samples(x:Tensor, # integer images (n, C, H, W)
                  K:int, # number of levels
                  path:str|Path, # PNG file to write

@@ -17,6 +17,7 @@ def group_norm(channels:int) -> nn.GroupNorm:
     "GroupNorm with the most groups (up to 32, VDM's number) that divide `channels` and keep at least 4 channels each."
     return nn.GroupNorm(max([g for g in range(1, 33) if channels % g == 0 and channels // g >= 4] or [1]), channels)
 
+# %% ../nbs/03_denoiser.ipynb #3e26720b
 def sinusoidal_embedding(x:Tensor, # values to embed, shape (B,)
                          dim:int, # embedding size (even)
                          max_period:float=10_000.) -> Tensor:
@@ -26,12 +27,14 @@ def sinusoidal_embedding(x:Tensor, # values to embed, shape (B,)
     args = x.float()[:, None] * freqs
     return torch.cat([args.sin(), args.cos()], dim=1)
 
+# %% ../nbs/03_denoiser.ipynb #82cad33e
 def fourier_exponents(K:int, # number of levels of the data
                      ) -> tuple[int, int]:
     "VDM's exponents (6, 7) for K = 256, scaled with the level spacing 2/K: (e - 1, e) with 2^e ≈ K/2."
     e = round(math.log2(K / 2))
     return (e - 1, e)
 
+# %% ../nbs/03_denoiser.ipynb #fc819b34
 class FourierFeatures(nn.Module):
     "Base-2 Fourier features: `sin` and `cos` of `2π 2^n z` per channel for n in `exponents`: (B, C, H, W) -> (B, 2·len(exponents)·C, H, W)."
     def __init__(self, exponents:tuple=(6, 7)):
@@ -58,6 +61,7 @@ class ResBlock(nn.Module):
         h = self.conv2(self.drop(F.silu(self.norm2(h))))
         return self.skip(x) + h
 
+# %% ../nbs/03_denoiser.ipynb #677f9960
 class AttnBlock(nn.Module):
     "One-head self-attention over the H·W positions, zero-initialised output projection, residual."
     def __init__(self, channels:int):

@@ -43,6 +43,7 @@ def level_values(K: int, # number of levels
     "The K values in [-1, 1] that the levels map to, shape (K,)."
     return (2 * (torch.arange(K, device=device, dtype=dtype) + 0.5) / K - 1)
 
+# %% ../nbs/00_diffusion.ipynb #95e42c6f
 def levels_to_data(x: Tensor, # integer images
                    K: int, # number of levels
                   ) -> Tensor:
@@ -55,6 +56,7 @@ def alpha_sigma(gamma: Tensor, # negative log-SNR, any shape
     "Signal and noise scales of the variance-preserving process: `α = sqrt(sigmoid(-γ))`, `σ = sqrt(sigmoid(γ))`."
     return torch.sigmoid(-gamma).sqrt(), torch.sigmoid(gamma).sqrt()
 
+# %% ../nbs/00_diffusion.ipynb #80468322
 def diffuse(f: Tensor, # clean data in [-1, 1], shape (B, *data_shape)
             gamma: Tensor, # γ_t broadcastable to `f`
             eps: Tensor, # standard normal noise, shape of `f`

@@ -21,11 +21,13 @@ def _sqrtm_psd(a:Tensor) -> Tensor:
     w, v = torch.linalg.eigh(a)
     return (v * w.clamp_min(0).sqrt()) @ v.T
 
+# %% ../nbs/13_frechet.ipynb #59188694
 def gaussian_stats(features:Tensor) -> tuple[Tensor, Tensor]:
     "Mean (d,) and covariance (d, d) of features (n, d), in float64."
     f = features.double()
     return f.mean(0), torch.cov(f.T)
 
+# %% ../nbs/13_frechet.ipynb #2cb3878e
 def frechet_distance(stats1:tuple[Tensor, Tensor], stats2:tuple[Tensor, Tensor]) -> float:
     "Fréchet (Wasserstein-2) distance between two Gaussians given as (mean, covariance)."
     (m1, s1), (m2, s2) = stats1, stats2
@@ -47,7 +49,7 @@ class FeatureNet(nn.Module):
     def features(self, x:Tensor) -> Tensor: return self.body(x)
     def forward(self, x:Tensor) -> Tensor: return self.head(self.features(x))
 
-
+# %% ../nbs/13_frechet.ipynb #6665c7c5
 def train_feature_net(train:ImageData, labels:Tensor, steps:int=1500, batch_size:int=128, seed:int=0) -> FeatureNet:
     "Train a `FeatureNet` classifier on integer images with integer labels."
     torch.manual_seed(seed)
@@ -62,11 +64,13 @@ def train_feature_net(train:ImageData, labels:Tensor, steps:int=1500, batch_size
         opt.zero_grad(); loss.backward(); opt.step()
     return net.eval()
 
+# %% ../nbs/13_frechet.ipynb #1f590fa0
 @torch.no_grad()
 def accuracy(net:FeatureNet, data:ImageData, labels:Tensor) -> float:
     "Classification accuracy on integer images."
     return (net(levels_to_data(data.images, data.K)).argmax(1) == labels).float().mean().item()
 
+# %% ../nbs/13_frechet.ipynb #c34cec4e
 @torch.no_grad()
 def features(net:FeatureNet, images:Tensor, K:int, batch_size:int=1024) -> Tensor:
     "Penultimate features (n, 128) of integer images."
@@ -86,10 +90,12 @@ def load_labels(name:str, split:str='train', root=None) -> Tensor:
         return torch.as_tensor(cls(str(root), train=split == 'train').targets).long()
     raise ValueError(f"no labels for data set {name!r}: the Fréchet distance needs 'digits', 'mnist' or 'cifar10'")
 
+# %% ../nbs/13_frechet.ipynb #309cf730
 def _cache_dir() -> Path:
     import os
     return Path(os.environ.get('MULAN_NB_CACHE', Path.home() / '.cache' / 'mulan_nb'))
 
+# %% ../nbs/13_frechet.ipynb #522f3af1
 class FrechetEvaluator:
     "Fréchet distance of integer images to a data set's test split, in a classifier's features trained on its train split."
     def __init__(self, data:str='digits', # data set name

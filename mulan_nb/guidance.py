@@ -107,6 +107,7 @@ def predict_times(reg:NoiseLevelRegressor, # a trained regressor
     flat = states.reshape(-1, *states.shape[-3:])
     return torch.cat([reg(b) for b in flat.split(batch_size)]).reshape(states.shape[:-3])
 
+# %% ../nbs/15_noise_guidance.ipynb #225c0d50
 @torch.no_grad()
 def regressor_error(reg:NoiseLevelRegressor, model, # the regressor and the model that defines the forward process
                     images:Tensor, # held-out integer images (N, *data_shape)
@@ -137,6 +138,7 @@ def forward_shift(reg:NoiseLevelRegressor, model, # the regressor and the model 
     torch.manual_seed(seed)
     return torch.stack([predict_times(reg, forward_noised(model, images, t.expand(len(images)).contiguous())) - t for t in times])
 
+# %% ../nbs/15_noise_guidance.ipynb #2bde3045
 def shift_summary(shift:Tensor, # t̂ − t, shape (L, n): L nominal times, n independent trajectories (or images)
                   times:Tensor, # the nominal times (L,)
                   reference:Tensor|None=None, # `forward_shift` at the same times, (L, N): subtracted as the regressor's bias

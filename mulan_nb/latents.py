@@ -44,6 +44,7 @@ class NoLatent(nn.Module):
     def kl(self, params): return params.new_zeros(params.shape[0])
     def prior_sample(self, n, device=None, generator=None): return None
 
+# %% ../nbs/04_latents.ipynb #2df36368
 class GaussianLatent(nn.Module):
     "Gaussian latent: `q(c|x) = N(μ, diag σ²)` from the encoder, prior `N(0, I)`, analytic KL."
     kl_is_bound = True
@@ -76,6 +77,7 @@ def sum_of_gamma_noise(shape:tuple, # shape of the noise
     i = torch.arange(1, n_terms + 1, device=device, dtype=G.dtype).reshape(-1, *[1] * len(shape))
     return (tau / k) * ((G * i / k).sum(0) - math.log(n_terms))
 
+# %% ../nbs/04_latents.ipynb #a3a78a23
 class TopKLatent(nn.Module):
     "k-hot latent of length m: perturbed top-k with identity-with-projection gradients; prior uniform over k-hot vectors."
     def __init__(self, m:int=50, # length of c

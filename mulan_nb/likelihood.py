@@ -34,6 +34,7 @@ def standard_error(values: Tensor, # one number per image, shape (B,)
     "Standard error of the mean of `values` as an estimate of its expectation over images: std / sqrt(B); NaN for fewer than 2."
     return (values.std() / math.sqrt(len(values))).item() if len(values) > 1 else float('nan')
 
+# %% ../nbs/10_likelihood.ipynb #c4c3661f
 @dataclass
 class DenseELBO:
     "Per-image NELBO averaged over `n_t` draws of (t, ε, c), in bits per dimension."

@@ -29,6 +29,7 @@ def _type_ok(v, kind) -> bool:
     if kind is tuple: return isinstance(v, (tuple, list))
     return isinstance(v, kind) if isinstance(kind, type) else True
 
+# %% ../nbs/05_model.ipynb #35f7b166
 def check_field_types(cfg, # a dataclass instance
                      ) -> None:
     "Raise `ValueError` naming the first field of `cfg` whose value does not have its annotated type (`X|None` allows None; floats must be finite)."
@@ -158,6 +159,7 @@ def check_latent(self:MuLAN, c:Tensor|None, # a latent for the batch, shape (n, 
     if m and (not isinstance(c, Tensor) or c.shape != (n, m)):
         raise ValueError(f"latent c must have shape ({n}, {m}), got {None if c is None else tuple(c.shape)}")
 
+# %% ../nbs/05_model.ipynb #e1d41a6f
 @patch
 def encode(self:MuLAN, x:Tensor, # integer images, shape (B, *data_shape)
            generator:torch.Generator|None=None, # for the draw of c (the global one when None)
@@ -175,6 +177,7 @@ def gamma(self:MuLAN, t:Tensor, # times, shape (B,)
     "γ(c, t) and γ'(c, t), broadcastable to (B, *data_shape); in full precision also under autocast."
     return self.schedule(t, c if self.config.conditioned else None)
 
+# %% ../nbs/05_model.ipynb #d0b1062b
 @patch
 def predict_eps(self:MuLAN, z:Tensor, # noisy images z_t
                 gamma:Tensor, # γ_t, broadcastable to z
@@ -199,6 +202,7 @@ def check_times_per_image(t:Tensor, # times, one per image
         raise ValueError(f"t must be a floating tensor of shape ({n},), got {getattr(t, 'dtype', type(t).__name__)} of shape {tuple(getattr(t, 'shape', ()))}")
     if not torch.isfinite(t).all() or (t < 0).any() or (t > 1).any(): raise ValueError("t must be finite and lie in [0, 1]")
 
+# %% ../nbs/05_model.ipynb #7bca003c
 @patch
 def nelbo(self:MuLAN, x:Tensor, # integer images, shape (B, *data_shape), values in [0, K)
           t:Tensor|None=None, # times in [0, 1], shape (B,); stratified when None
@@ -226,6 +230,7 @@ def nelbo(self:MuLAN, x:Tensor, # integer images, shape (B, *data_shape), values
     out['bpd'] = sum(out.values())
     return out
 
+# %% ../nbs/05_model.ipynb #1de73348
 @patch
 def forward(self:MuLAN, x:Tensor, t:Tensor|None=None) -> dict:
     "Same as `nelbo`, so that wrappers such as `torch.compile` see the bound as the forward pass."
@@ -274,6 +279,7 @@ def state_checksum(state, # nested dicts / lists of tensors and plain values
     walk('', state)
     return h.hexdigest()
 
+# %% ../nbs/05_model.ipynb #8a30fb5a
 def save_checkpoint(path:str|Path, # where to write (its folder is created)
                     state:dict, # tensors and plain values only
                    ) -> None:
@@ -289,6 +295,7 @@ def save_checkpoint(path:str|Path, # where to write (its folder is created)
     except BaseException:   # an error, Ctrl-C or SIGTERM mid-write: the old checkpoint stays, the temporary goes
         tmp.unlink(missing_ok=True); raise
 
+# %% ../nbs/05_model.ipynb #a880ba1b
 def write_atomic(path:str|Path, # where the data goes
                  write, # write(file object)
                  mode:str='w', # 'w' for text, 'wb' for bytes
@@ -338,6 +345,7 @@ def load_checkpoint(path:str|Path, # a checkpoint written by `save_checkpoint`
         raise ValueError(f"checkpoint {path} is damaged or was edited: its contents do not match its checksum")
     return state
 
+# %% ../nbs/05_model.ipynb #4cc49bcc
 def model_from_checkpoint(path:str|Path, # a checkpoint of `mulan_train` (or any with `config` and the weights)
                           ema:bool=True, # the EMA weights (else the raw ones)
                           map_location='cpu', # device of the model

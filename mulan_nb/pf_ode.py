@@ -26,6 +26,7 @@ def pf_velocity(eps_hat:Tensor, # ε̂(z, t), shape of z
     sigma = torch.sigmoid(gamma).sqrt()
     return 0.5 * sigma * dgamma * dt_ds * (eps_hat - sigma * z)
 
+# %% ../nbs/08_pf_ode.ipynb #1b9ce481
 def solve_ode(field, # (t, state) -> d state / dt
               state, # the initial state (a tensor or a tuple of tensors)
               times:Tensor, # [t_start, t_end]
@@ -38,6 +39,7 @@ def solve_ode(field, # (t, state) -> d state / dt
     except AssertionError as e: raise FloatingPointError(f"the ODE solver ({method}) could not reach rtol={rtol}, atol={atol} after {nfe()} evaluations: {e}") from None
     return tuple(o[-1] for o in out) if isinstance(out, tuple) else out[-1]
 
+# %% ../nbs/08_pf_ode.ipynb #9d70e873
 def check_finite_field(v:Tensor, t, n:int, *more:Tensor) -> None:
     "Raise `FloatingPointError` when the field (or the other tensors) is not finite at t, evaluation n."
     if not all(bool(torch.isfinite(x).all()) for x in (v, *more)):

@@ -121,6 +121,7 @@ class GaussianModel(nn.Module):
         f = self.mu + self.s * torch.randn(n, *self.mu.shape, generator=torch.Generator().manual_seed(seed))
         return ((f + 1) * self.config.K / 2).floor().long().clamp(0, self.config.K - 1)
 
+# %% ../nbs/07_reference.ipynb #049fc53f
 class PointMassModel(GaussianModel):
     "A model whose data is the single integer image `x_star`: exact ε̂ = (z − α f*)/σ."
     def __init__(self, x_star:Tensor, # the image, shape (C, H, W) or (1, C, H, W)

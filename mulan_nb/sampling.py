@@ -62,6 +62,7 @@ def ode_sample_z0(model, # a `MuLAN` (or anything with its `gamma` and `predict_
     grid = torch.tensor([1., 0.], device=z1.device, dtype=z1.dtype)
     return solve_ode(field, z1, grid, rtol, atol, method, nfe=lambda: nfe), nfe
 
+# %% ../nbs/11_sampling.ipynb #35220abd
 DECODE_LOGITS = 2**24   # the decoder's logits (n, D, K) are built at most this many at a time
 
 @torch.no_grad()

@@ -66,6 +66,7 @@ class LinearSchedule(Schedule):
         delta = self.gamma_max - self.gamma_min
         return (self.gamma_min + delta * t)[:, None], torch.full_like(t, delta)[:, None]
 
+# %% ../nbs/02_schedules.ipynb #dd65f5ce
 class ScalarSchedule(Schedule):
     "VDM's learned scalar schedule `γ = b + |w| t` (CIFAR-10 setting): ends learned, initialised to the linear schedule."
     fixed_ends = False

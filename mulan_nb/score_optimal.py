@@ -57,6 +57,7 @@ def incremental_cost(model, # a `MuLAN` (or anything with its `config`, `gamma`,
     finally: model.train(was_training)
     return (total / N).cpu()
 
+# %% ../nbs/14_score_optimal.ipynb #74411892
 def step_costs(model, # as for `incremental_cost`
                x:Tensor, # integer images (n, *data_shape)
                times:Tensor, # a sampling grid t_0 = 0 < … < t_T = 1
@@ -65,6 +66,7 @@ def step_costs(model, # as for `incremental_cost`
     "The cost L(t_i+1, t_i) of each of the T steps of a sampling grid, shape (T,): `incremental_cost` on the grid itself."
     return incremental_cost(model, x, times, **kwargs)
 
+# %% ../nbs/14_score_optimal.ipynb #099e5dc4
 def cost_ratio(cost:Tensor) -> float:
     "max/min of per-step costs: 1 for a perfectly flat grid."
     return (cost.max() / cost.min()).item()
@@ -85,12 +87,14 @@ def cumulative_length(grid:Tensor, # increasing times from 0 to 1, shape (M+1,)
     length = length.clamp_min(1e-9 * length.mean().item())
     return torch.cat([length.new_zeros(1), length.cumsum(0)])
 
+# %% ../nbs/14_score_optimal.ipynb #dea7d388
 def _interp(x:Tensor, xp:Tensor, fp:Tensor) -> Tensor:
     "Piecewise-linear interpolation of the points (xp, fp), xp strictly increasing, at x (clamped to the range)."
     i = torch.searchsorted(xp, x.clamp(xp[0], xp[-1]), right=True).clamp(1, len(xp) - 1)
     x0, x1, f0, f1 = xp[i - 1], xp[i], fp[i - 1], fp[i]
     return f0 + (f1 - f0) * ((x.clamp(xp[0], xp[-1]) - x0) / (x1 - x0))
 
+# %% ../nbs/14_score_optimal.ipynb #ebc7daa3
 def optimal_times(grid:Tensor, # fine grid τ_0 = 0 < … < τ_M = 1 on which the cost was estimated
                   cost:Tensor, # incremental cost of each interval, shape (M,), e.g. from `incremental_cost`
                   T:int, # number of sampling steps
@@ -118,6 +122,7 @@ def mean_gamma(model, # a `MuLAN` (anything with `gamma`, `latent`, `parameters`
     out = [model.gamma(ti.to(device).expand(n), c)[0].double().mean() for ti in t]
     return torch.stack(out).cpu()
 
+# %% ../nbs/14_score_optimal.ipynb #f10421af
 def edm_times(gamma_bar:Tensor, # mean γ on `grid`, strictly increasing, shape (M+1,)
               grid:Tensor, # increasing times from 0 to 1, shape (M+1,)
               T:int, # number of steps
@@ -138,6 +143,7 @@ def edm_times(gamma_bar:Tensor, # mean γ on `grid`, strictly increasing, shape 
     if not (out.diff() > 0).all(): raise ValueError(f"T = {T} steps cannot be told apart in {grid.dtype}")
     return out
 
+# %% ../nbs/14_score_optimal.ipynb #0b50c5df
 def hand_tuned_times(model, # a `MuLAN`
                      T:int, # number of steps
                      rho:float=7., # EDM's ρ
@@ -161,6 +167,7 @@ def blend_times(times:Tensor, # the current grid (T+1,)
     out[0], out[-1] = 0., 1.
     return out
 
+# %% ../nbs/14_score_optimal.ipynb #fccf8708
 class OnlineTimes:
     "Algorithm 2: a sampling grid kept up to date during training; after `warmup` calls on the fixed grid, each `update` blends in Algorithm 1's optimum."
     def __init__(self, T:int=100, # number of steps of the grid

@@ -83,16 +83,19 @@ def lr_at(step:int, lr:float, warmup:int) -> float:
     "Learning rate at `step` (from 0): linear warm-up over `warmup` steps, then constant."
     return lr * min(1.0, (step + 1) / warmup) if warmup else lr
 
+# %% ../nbs/12_training.ipynb #22bcbd10
 def ema_decay(step:int, decay:float) -> float:
     "EMA decay at `step`, warmed up: `min(decay, (1 + step) / (10 + step))`."
     return min(decay, (1 + step) / (10 + step))
 
+# %% ../nbs/12_training.ipynb #08a9246c
 @torch.no_grad()
 def ema_update(ema_model:torch.nn.Module, model:torch.nn.Module, decay:float) -> None:
     "`ema ← decay · ema + (1 - decay) · params`, parameters only (buffers copied)."
     for e, p in zip(ema_model.parameters(), model.parameters()): e.lerp_(p.detach(), 1 - decay)
     for e, b in zip(ema_model.buffers(), model.buffers()): e.copy_(b)
 
+# %% ../nbs/12_training.ipynb #f2c594fb
 def shard_seed(seed:int, step:int, shard:int) -> int:
     "Seed of the random numbers of one shard of one step: a pure function of (seed, step, shard)."
     return (seed * 1_000_003 + step) * 1_009 + shard
@@ -109,6 +112,7 @@ def init_distributed(device:str) -> tuple[int, int, torch.device]:
         dist.init_process_group('nccl' if dev.type == 'cuda' else 'gloo')
     return rank, world, dev
 
+# %% ../nbs/12_training.ipynb #96d5f827
 def all_reduce_sum(tensors:list[Tensor], world:int) -> None:
     "Sum tensors over processes, in place, with one all-reduce of a flat buffer."
     if world == 1 or not tensors: return
@@ -130,6 +134,7 @@ def plot_learning_curves(metrics:list[dict], path:str|Path) -> None:
     ax.set_xlabel('step'); ax.set_ylabel('bits per dimension'); ax.set_yscale('log'); ax.legend(); ax.grid(alpha=0.3)
     fig.tight_layout(); fig.savefig(path, dpi=100); plt.close(fig)
 
+# %% ../nbs/12_training.ipynb #f06b0736
 @torch.no_grad()
 def plot_schedules(model:MuLAN, images:Tensor, # a few integer images (n, C, H, W)
                    path:str|Path, times=(0.25, 0.5, 0.75)) -> None:
@@ -163,12 +168,14 @@ def _progress(total:int, initial:int, enabled:bool):
     except ImportError: return None
     return tqdm(total=total, initial=initial, unit='step', dynamic_ncols=True, file=sys.stderr)
 
+# %% ../nbs/12_training.ipynb #ad853f23
 def _append_jsonl(path:Path, rows:list[dict]) -> None:
     "Append one JSON line per row and sync it to disk: a kill can tear at most the last line."
     with open(path, 'a') as fh:
         for r in rows: fh.write(json.dumps(json_ready(r), allow_nan=False) + '\n')
         fh.flush(); os.fsync(fh.fileno())
 
+# %% ../nbs/12_training.ipynb #276ca3bf
 def _read_jsonl(path:Path, max_step:int|None=None) -> tuple[list[dict], str|None]:
     "Metric rows, dropping those logged after `max_step` (by a run killed after its last checkpoint), and a note when a torn last line was dropped."
     if not path.exists(): return [], None
@@ -205,6 +212,7 @@ def claim_run_folder(out:Path, # the run's folder (created)
         raise ValueError(f"{out} holds a run already ({', '.join(held)}): continue it with --resume, start it over with --overwrite, or choose another --out")
     return lock
 
+# %% ../nbs/12_training.ipynb #eb565d23
 def clear_run_folder(out:Path) -> None:
     "Remove what a run and the commands wrote in `out` (for `overwrite`, once the new run is set up): its files, `eval-*.json`, `samples-*`."
     for f in [*(out / f for f in RUN_FILES), *out.glob('eval-*.json'), *out.glob('samples-*')]: f.unlink(missing_ok=True)
@@ -216,6 +224,7 @@ def data_fingerprint(images:Tensor) -> str:
     h.update(images.contiguous().numpy().data)
     return h.hexdigest()
 
+# %% ../nbs/12_training.ipynb #3372f6f3
 class Trainer:
     "One training run: `Trainer(cfg).fit()` trains, checkpoints, evaluates and returns the result."
     def __init__(self, cfg:TrainConfig, # the run
@@ -296,6 +305,7 @@ def resume_changes(state:dict, # the checkpoint
     allowed = [f"{k} {old[k]!r} -> {new[k]!r}" for k in new if k not in RESUME_FIXED + ('out',) and k in old and old[k] != new[k]]
     return refused, allowed
 
+# %% ../nbs/12_training.ipynb #edd9daa2
 @patch
 def restore(self:Trainer, state:dict, # a checkpoint written by `Trainer.checkpoint`
            ) -> None:
@@ -358,6 +368,7 @@ def log(self:Trainer, sums:Tensor, # the sums of `one_step`
     return dict(kind='train', step=self.step, **dict(zip(TERMS, (sums / self.cfg.batch_size).tolist())),
                 lr=lr_at(self.step - 1, self.cfg.lr, self.cfg.warmup), steps_per_s=elapsed[0] / elapsed[1], nonfinite_total=self.nonfinite_total)
 
+# %% ../nbs/12_training.ipynb #328fcdb5
 @patch
 def evaluate(self:Trainer, n_t:int, # draws of (t, ε, c) per test image
             ) -> dict:
@@ -366,6 +377,7 @@ def evaluate(self:Trainer, n_t:int, # draws of (t, ε, c) per test image
     res = dense_elbo(self.ema, self.xtest, n_t, self.cfg.eval_batch).summary()
     return dict(kind='eval', step=self.step, estimator=f'NELBO, continuous time, {n_t} draws of (t, ε, c) per test image, EMA weights', **res)
 
+# %% ../nbs/12_training.ipynb #357b2664
 @patch
 def checkpoint(self:Trainer) -> None:
     "Write everything a resume needs (rank 0), atomically."
@@ -383,6 +395,7 @@ def sampling_times(self:Trainer) -> Tensor|None:
     "The sampling grid a callback offers (its `sampling_times`), or None for the uniform one."
     return next((cb.sampling_times for cb in self.callbacks if hasattr(cb, 'sampling_times')), None)
 
+# %% ../nbs/12_training.ipynb #9faa38d3
 @patch
 def finish(self:Trainer) -> dict:
     "Final evaluation, pictures and `result.json` (rank 0); returns the result."
@@ -409,6 +422,7 @@ def finish(self:Trainer) -> dict:
 class RunInterrupted(KeyboardInterrupt):
     "A run stopped by Ctrl-C or a signal; its message says what the run folder holds."
 
+# %% ../nbs/12_training.ipynb #9626c171
 @patch
 @torch.enable_grad()
 def fit(self:Trainer) -> dict:
@@ -420,6 +434,7 @@ def fit(self:Trainer) -> dict:
     finally:
         if self.lock is not None: self.lock.close()
 
+# %% ../nbs/12_training.ipynb #a249a519
 @patch
 def _fit(self:Trainer) -> dict:
     cfg, main = self.cfg, self.rank == 0
@@ -449,6 +464,7 @@ def _fit(self:Trainer) -> dict:
     if bar is not None: bar.close()
     return self.finish()
 
+# %% ../nbs/12_training.ipynb #ff45923f
 def train(cfg:TrainConfig, # the run
           resume:bool=False, # continue from `cfg.out`/checkpoint.pt
           progress:bool=True, # show a progress bar (rank 0)
