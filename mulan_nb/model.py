@@ -4,7 +4,7 @@
 
 # %% auto #0
 __all__ = ['SCHEDULES', 'PRESETS', 'CHECKPOINT_FORMAT', 'UNCHECKSUMMED_FORMATS', 'check_field_types', 'MuLANConfig', 'MuLAN',
-           'check_times_per_image', 'parameter_counts', 'demo', 'state_checksum', 'save_checkpoint', 'write_atomic',
+           'check_times_per_image', 'parameter_counts', 'demo', 'state_checksum', 'write_atomic', 'save_checkpoint',
            'check_device', 'load_checkpoint', 'model_from_checkpoint']
 
 # %% ../nbs/05_model.ipynb #fba82b49
@@ -280,34 +280,27 @@ def state_checksum(state, # nested dicts / lists of tensors and plain values
     return h.hexdigest()
 
 # %% ../nbs/05_model.ipynb #8a30fb5a
-def save_checkpoint(path:str|Path, # where to write (its folder is created)
-                    state:dict, # tensors and plain values only
-                   ) -> None:
-    "Write `state` and its checksum to `path` atomically (temporary file, fsync, rename); an interrupted write leaves no temporary file."
-    path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f'.tmp{os.getpid()}')
-    body = {k: v for k, v in state.items() if k not in ('format', 'checksum')}
-    try:
-        with open(tmp, 'wb') as fh:
-            torch.save({'format': CHECKPOINT_FORMAT, **body, 'checksum': state_checksum(body)}, fh)
-            fh.flush(); os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:   # an error, Ctrl-C or SIGTERM mid-write: the old checkpoint stays, the temporary goes
-        tmp.unlink(missing_ok=True); raise
-
-# %% ../nbs/05_model.ipynb #a880ba1b
-def write_atomic(path:str|Path, # where the data goes
+def write_atomic(path:str|Path, # where the data goes (its folder is created)
                  write, # write(file object)
                  mode:str='w', # 'w' for text, 'wb' for bytes
                 ) -> None:
-    "Write through a temporary file in the same folder and rename it: `path` holds the old contents or the new ones, never part."
-    path = Path(path)
-    tmp = path.with_name(f'.{path.name}.tmp{os.getpid()}')
+    "Write through a temporary file in the same folder, fsync and rename: `path` holds the old contents or the new ones, never part; an interrupted write leaves no temporary file."
+    path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + f'.tmp{os.getpid()}')
     try:
-        with open(tmp, mode) as fh: write(fh)
+        with open(tmp, mode) as fh:
+            write(fh); fh.flush(); os.fsync(fh.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException:   # an error, Ctrl-C or SIGTERM mid-write: the old file stays, the temporary goes
         tmp.unlink(missing_ok=True); raise
+
+# %% ../nbs/05_model.ipynb #a880ba1b
+def save_checkpoint(path:str|Path, # where to write (its folder is created)
+                    state:dict, # tensors and plain values only
+                   ) -> None:
+    "Write `state` and its checksum to `path` with `write_atomic`."
+    body = {k: v for k, v in state.items() if k not in ('format', 'checksum')}
+    write_atomic(path, lambda fh: torch.save({'format': CHECKPOINT_FORMAT, **body, 'checksum': state_checksum(body)}, fh), 'wb')
 
 # %% ../nbs/05_model.ipynb #7c1d0b02
 def check_device(device:str|torch.device, # 'cpu', 'cuda', 'cuda:1', 'mps', ...
