@@ -250,42 +250,50 @@ class Trainer:
             if self.lock is not None: self.lock.close()
             raise
 
-    def _claim(self, resume, overwrite):
-        "Rank 0 claims the folder; under torchrun every process stops with it when it cannot."
-        error, lock = None, None
-        if self.rank == 0:
-            try: lock = claim_run_folder(self.out, resume, overwrite)
-            except ValueError as e: error = e
-        if self.world > 1:
-            failed = torch.tensor([float(error is not None)], device=self.device); dist.all_reduce(failed)
-            if failed.item() and error is None: raise ValueError(f"rank 0 could not claim {self.out} (its message says why)")
-        if error is not None: raise error
-        return lock
+# %% ../nbs/12_training.ipynb #e7af0fbe
+@patch
+def _claim(self:Trainer, resume:bool, overwrite:bool):
+    "Rank 0 claims the folder; under torchrun every process stops with it when it cannot."
+    error, lock = None, None
+    if self.rank == 0:
+        try: lock = claim_run_folder(self.out, resume, overwrite)
+        except ValueError as e: error = e
+    if self.world > 1:
+        failed = torch.tensor([float(error is not None)], device=self.device); dist.all_reduce(failed)
+        if failed.item() and error is None: raise ValueError(f"rank 0 could not claim {self.out} (its message says why)")
+    if error is not None: raise error
+    return lock
 
-    def _build(self, train_data, test_data, resume, overwrite):
-        cfg = self.cfg
-        self.mcfg = cfg.model_config(train_data)
-        torch.manual_seed(cfg.seed)
-        self.model = MuLAN(self.mcfg).to(self.device)
-        self.ema = copy.deepcopy(self.model).requires_grad_(False).eval()
-        self.opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, betas=(0.9, 0.99), eps=1e-8, weight_decay=cfg.weight_decay)
-        self.step, self.nonfinite_run, self.nonfinite_total, self.ckpt_step = 0, 0, 0, None
-        if resume: self.restore(load_checkpoint(self.ckpt_path, map_location=self.device))
-        if self.rank == 0:
-            if overwrite: clear_run_folder(self.out)   # only now that the new run is set up
-            rows, note = _read_jsonl(self.metrics_path, self.step)
-            if note: self.say(f"note: {note}")
-            finished = self.step == cfg.steps   # a run killed after its last checkpoint: its final evaluation is redone
-            self.metrics = [r for r in rows if not (finished and r.get('kind') == 'eval' and r['step'] == self.step)]
-            write_atomic(self.metrics_path, lambda fh: fh.writelines(json.dumps(json_ready(r), allow_nan=False) + '\n' for r in self.metrics))
-        else: self.metrics = []
-        self.forward = torch.compile(self.model) if cfg.compile else self.model
-        self.xtrain, self.xtest = train_data.images.to(self.device), test_data.images.to(self.device)
-        self.autocast = dict(device_type=self.device.type, dtype=torch.bfloat16, enabled=cfg.precision == 'bf16')
+# %% ../nbs/12_training.ipynb #2c6db171
+@patch
+def _build(self:Trainer, train_data:ImageData, test_data:ImageData, resume:bool, overwrite:bool):
+    "The model, its EMA copy, the optimiser and the metrics so far (restored with `resume`); the data on the device."
+    cfg = self.cfg
+    self.mcfg = cfg.model_config(train_data)
+    torch.manual_seed(cfg.seed)
+    self.model = MuLAN(self.mcfg).to(self.device)
+    self.ema = copy.deepcopy(self.model).requires_grad_(False).eval()
+    self.opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, betas=(0.9, 0.99), eps=1e-8, weight_decay=cfg.weight_decay)
+    self.step, self.nonfinite_run, self.nonfinite_total, self.ckpt_step = 0, 0, 0, None
+    if resume: self.restore(load_checkpoint(self.ckpt_path, map_location=self.device))
+    if self.rank == 0:
+        if overwrite: clear_run_folder(self.out)   # only now that the new run is set up
+        rows, note = _read_jsonl(self.metrics_path, self.step)
+        if note: self.say(f"note: {note}")
+        finished = self.step == cfg.steps   # a run killed after its last checkpoint: its final evaluation is redone
+        self.metrics = [r for r in rows if not (finished and r.get('kind') == 'eval' and r['step'] == self.step)]
+        write_atomic(self.metrics_path, lambda fh: fh.writelines(json.dumps(json_ready(r), allow_nan=False) + '\n' for r in self.metrics))
+    else: self.metrics = []
+    self.forward = torch.compile(self.model) if cfg.compile else self.model
+    self.xtrain, self.xtest = train_data.images.to(self.device), test_data.images.to(self.device)
+    self.autocast = dict(device_type=self.device.type, dtype=torch.bfloat16, enabled=cfg.precision == 'bf16')
 
-    def say(self, line:str) -> None:
-        "One line on stderr from rank 0 (notes about the run that are not metrics)."
-        if self.rank == 0: print(f"mulan_train: {line}", file=sys.stderr)
+# %% ../nbs/12_training.ipynb #365246a3
+@patch
+def say(self:Trainer, line:str, # a note about the run that is not a metric
+       ) -> None:
+    "One line on stderr from rank 0."
+    if self.rank == 0: print(f"mulan_train: {line}", file=sys.stderr)
 
 # %% ../nbs/12_training.ipynb #7a1e0004
 RESUME_FIXED = ('preset', 'data', 'K', 'seed', 'batch_size', 'accum', 'model')   # the fields of TrainConfig a resume must keep
@@ -422,18 +430,6 @@ def finish(self:Trainer) -> dict:
 class RunInterrupted(KeyboardInterrupt):
     "A run stopped by Ctrl-C or a signal; its message says what the run folder holds."
 
-# %% ../nbs/12_training.ipynb #9626c171
-@patch
-@torch.enable_grad()
-def fit(self:Trainer) -> dict:
-    "Train from the current step to `cfg.steps`, then `finish`."
-    try: return self._fit()
-    except KeyboardInterrupt as e:
-        held = f"{self.out} holds its checkpoint of step {self.ckpt_step}: continue with --resume" if self.ckpt_step is not None else f"no checkpoint in {self.out} yet"
-        raise RunInterrupted(f"stopped ({e or 'interrupted'}) at step {self.step}; {held}") from None
-    finally:
-        if self.lock is not None: self.lock.close()
-
 # %% ../nbs/12_training.ipynb #a249a519
 @patch
 def _fit(self:Trainer) -> dict:
@@ -463,6 +459,18 @@ def _fit(self:Trainer) -> dict:
         if due(): periodic_eval()
     if bar is not None: bar.close()
     return self.finish()
+
+# %% ../nbs/12_training.ipynb #9626c171
+@patch
+@torch.enable_grad()
+def fit(self:Trainer) -> dict:
+    "Train from the current step to `cfg.steps`, then `finish`."
+    try: return self._fit()
+    except KeyboardInterrupt as e:
+        held = f"{self.out} holds its checkpoint of step {self.ckpt_step}: continue with --resume" if self.ckpt_step is not None else f"no checkpoint in {self.out} yet"
+        raise RunInterrupted(f"stopped ({str(e) or 'interrupted'}) at step {self.step}; {held}") from None
+    finally:
+        if self.lock is not None: self.lock.close()
 
 # %% ../nbs/12_training.ipynb #ff45923f
 def train(cfg:TrainConfig, # the run
