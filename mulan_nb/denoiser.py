@@ -13,18 +13,23 @@ import torch.nn.functional as F
 from .schedules import GAMMA_MIN, GAMMA_MAX
 
 # %% ../nbs/03_denoiser.ipynb #e3ee2b83
-def group_norm(channels:int) -> nn.GroupNorm:
-    "GroupNorm with the most groups (up to 32, VDM's number) that divide `channels` and keep at least 4 channels each."
-    return nn.GroupNorm(max([g for g in range(1, 33) if channels % g == 0 and channels // g >= 4] or [1]), channels)
+def group_norm(channels:int, # channels to normalise
+               groups:int|None=None, # number of groups; None: the most (up to 32, VDM's number) that divide `channels` and keep at least 4 channels each
+               eps:float=1e-5, # added to the variance (torch's default; Flax's, and so the official code's, is 1e-6)
+              ) -> nn.GroupNorm:
+    "GroupNorm over `channels` in `groups` groups (by default the most up to 32 with at least 4 channels each)."
+    if groups is None: groups = max([g for g in range(1, 33) if channels % g == 0 and channels // g >= 4] or [1])
+    elif groups < 1 or channels % groups: raise ValueError(f"GroupNorm: {groups} groups do not divide {channels} channels")
+    return nn.GroupNorm(groups, channels, eps=eps)
 
 # %% ../nbs/03_denoiser.ipynb #3e26720b
 def sinusoidal_embedding(x:Tensor, # values to embed, shape (B,)
                          dim:int, # embedding size (even)
                          max_period:float=10_000.) -> Tensor:
-    "Transformer-style embedding `[sin(x ω_j), cos(x ω_j)]`, `ω_j = max_period^(-j/(dim/2 - 1))`: shape (B, dim)."
-    half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=x.device, dtype=torch.float32) / max(half - 1, 1))
-    args = x.float()[:, None] * freqs
+    "Transformer-style embedding `[sin(x ω_j), cos(x ω_j)]`, `ω_j = max_period^(-j/(dim/2 - 1))`: shape (B, dim), in float64 for float64 x, else float32."
+    half, dtype = dim // 2, torch.promote_types(x.dtype, torch.float32)
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=x.device, dtype=dtype) / max(half - 1, 1))
+    args = x.to(dtype)[:, None] * freqs
     return torch.cat([args.sin(), args.cos()], dim=1)
 
 # %% ../nbs/03_denoiser.ipynb #82cad33e
@@ -39,20 +44,31 @@ class FourierFeatures(nn.Module):
     "Base-2 Fourier features: `sin` and `cos` of `2π 2^n z` per channel for n in `exponents`: (B, C, H, W) -> (B, 2·len(exponents)·C, H, W)."
     def __init__(self, exponents:tuple=(6, 7)):
         super().__init__()
-        self.register_buffer('freqs', 2 * math.pi * 2.0 ** torch.tensor(exponents, dtype=torch.float32), persistent=False)
+        self.exponents = tuple(exponents)
     def forward(self, z:Tensor) -> Tensor:
-        h = (z[:, :, None] * self.freqs[:, None, None].to(z.dtype)).flatten(1, 2)
+        # 2π·2ⁿ rounded once, to z's dtype, filled on z's device (no host-to-device copy, no buffer to keep in a dtype)
+        freqs = torch.stack([torch.full((), 2 * math.pi * 2.0 ** n, dtype=z.dtype, device=z.device) for n in self.exponents])
+        h = (z[:, :, None] * freqs[:, None, None]).flatten(1, 2)
         return torch.cat([h.sin(), h.cos()], dim=1)
 
 # %% ../nbs/03_denoiser.ipynb #9577354d
 class ResBlock(nn.Module):
     "GN → swish → conv → + Dense(cond) → GN → swish → dropout → conv (zero-init) → + residual (1×1 conv if channels change)."
-    def __init__(self, c_in:int, c_out:int, cond_dim:int=0, dropout:float=0.):
+    def __init__(self, c_in:int, # input channels
+                 c_out:int, # output channels
+                 cond_dim:int=0, # size of the conditioning vector (0: none)
+                 dropout:float=0., # dropout before the second convolution
+                 cond_bias:bool=True, # the conditioning projection has a bias (the official code's has none)
+                 norm_groups:int|None=None, norm_eps:float=1e-5, # `group_norm`'s groups and ε
+                ):
         super().__init__()
-        self.norm1, self.conv1 = group_norm(c_in), nn.Conv2d(c_in, c_out, 3, padding=1)
-        self.cond = nn.Linear(cond_dim, c_out) if cond_dim else None
-        if self.cond is not None: nn.init.zeros_(self.cond.weight); nn.init.zeros_(self.cond.bias)
-        self.norm2, self.drop, self.conv2 = group_norm(c_out), nn.Dropout(dropout), nn.Conv2d(c_out, c_out, 3, padding=1)
+        self.norm1, self.conv1 = group_norm(c_in, norm_groups, norm_eps), nn.Conv2d(c_in, c_out, 3, padding=1)
+        self.cond = nn.Linear(cond_dim, c_out, bias=cond_bias) if cond_dim else None
+        if self.cond is not None:
+            nn.init.zeros_(self.cond.weight)
+            if cond_bias: nn.init.zeros_(self.cond.bias)
+        self.norm2, self.drop = group_norm(c_out, norm_groups, norm_eps), nn.Dropout(dropout)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1)
         nn.init.zeros_(self.conv2.weight); nn.init.zeros_(self.conv2.bias)
         self.skip = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
     def forward(self, x:Tensor, cond:Tensor|None=None) -> Tensor:
@@ -64,9 +80,12 @@ class ResBlock(nn.Module):
 # %% ../nbs/03_denoiser.ipynb #677f9960
 class AttnBlock(nn.Module):
     "One-head self-attention over the H·W positions, zero-initialised output projection, residual."
-    def __init__(self, channels:int):
+    def __init__(self, channels:int, # width C
+                 norm_groups:int|None=None, norm_eps:float=1e-5, # `group_norm`'s groups and ε
+                ):
         super().__init__()
-        self.norm, self.qkv, self.proj = group_norm(channels), nn.Conv2d(channels, 3 * channels, 1), nn.Conv2d(channels, channels, 1)
+        self.norm, self.qkv = group_norm(channels, norm_groups, norm_eps), nn.Conv2d(channels, 3 * channels, 1)
+        self.proj = nn.Conv2d(channels, channels, 1)
         nn.init.zeros_(self.proj.weight); nn.init.zeros_(self.proj.bias)
     def forward(self, x:Tensor) -> Tensor:
         B, C, H, W = x.shape
@@ -86,6 +105,9 @@ class ScoreUNet(nn.Module):
                  fourier:tuple=(6, 7), # exponents n of the base-2 Fourier features of the input (`fourier_exponents(K)`); () for none
                  gamma_min:float=GAMMA_MIN, gamma_max:float=GAMMA_MAX, # range used to normalise the mean γ
                  null_noise:bool=False, # learn a null embedding that can replace the noise level (noise-awareness guidance)
+                 cond_bias:bool=True, # the residual blocks' conditioning projections have a bias (the official code's have none)
+                 norm_groups:int|None=None, # GroupNorm groups (None: `group_norm`'s default; the official code: 32 at every width)
+                 norm_eps:float=1e-5, # GroupNorm ε (the official code: 1e-6)
                 ):
         super().__init__()
         if len(data_shape) != 3: raise ValueError(f"data_shape must be (channels, height, width), got {data_shape}")
@@ -99,11 +121,12 @@ class ScoreUNet(nn.Module):
         self.fourier = FourierFeatures(fourier) if fourier else None
         c_img = data_shape[0]
         self.conv_in = nn.Conv2d(c_img * (1 + 2 * len(fourier)), channels, 3, padding=1)
-        self.down = nn.ModuleList(ResBlock(channels, channels, cond_dim, dropout) for _ in range(n_blocks))
-        self.mid1, self.mid2 = ResBlock(channels, channels, cond_dim, dropout), ResBlock(channels, channels, cond_dim, dropout)
-        self.attn = AttnBlock(channels) if attention else nn.Identity()
-        self.up = nn.ModuleList(ResBlock(2 * channels, channels, cond_dim, dropout) for _ in range(n_blocks + 1))
-        self.norm_out, self.conv_out = group_norm(channels), nn.Conv2d(channels, c_img, 3, padding=1)
+        block = dict(cond_dim=cond_dim, dropout=dropout, cond_bias=cond_bias, norm_groups=norm_groups, norm_eps=norm_eps)
+        self.down = nn.ModuleList(ResBlock(channels, channels, **block) for _ in range(n_blocks))
+        self.mid1, self.mid2 = ResBlock(channels, channels, **block), ResBlock(channels, channels, **block)
+        self.attn = AttnBlock(channels, norm_groups, norm_eps) if attention else nn.Identity()
+        self.up = nn.ModuleList(ResBlock(2 * channels, channels, **block) for _ in range(n_blocks + 1))
+        self.norm_out, self.conv_out = group_norm(channels, norm_groups, norm_eps), nn.Conv2d(channels, c_img, 3, padding=1)
         nn.init.zeros_(self.conv_out.weight); nn.init.zeros_(self.conv_out.bias)
 
     def conditioning(self, gamma:Tensor, c:Tensor|None, drop_noise:Tensor|None=None) -> Tensor:

@@ -21,14 +21,17 @@ class LatentEncoder(nn.Module):
                  n_blocks:int=4, # residual blocks before the middle block
                  attention:bool=True, # attention in the middle block
                  fourier:tuple=(6, 7), # exponents of the base-2 Fourier features of the input; () for none
+                 dropout:float=0., # dropout inside the residual blocks (the official encoder's is the denoiser's)
+                 norm_groups:int|None=None, norm_eps:float=1e-5, # `group_norm`'s groups and ε (official: 32, 1e-6)
                 ):
         super().__init__()
         c_img, H, W = data_shape
         self.fourier = FourierFeatures(fourier) if fourier else None
         self.conv_in = nn.Conv2d(c_img * (1 + 2 * len(fourier)), channels, 3, padding=1)
-        self.blocks = nn.Sequential(*[ResBlock(channels, channels) for _ in range(n_blocks)], ResBlock(channels, channels),
-                                    AttnBlock(channels) if attention else nn.Identity(), ResBlock(channels, channels))
-        self.norm_out, self.conv_out = group_norm(channels), nn.Conv2d(channels, 1, 3, padding=1)
+        block = lambda: ResBlock(channels, channels, dropout=dropout, norm_groups=norm_groups, norm_eps=norm_eps)
+        self.blocks = nn.Sequential(*[block() for _ in range(n_blocks)], block(),
+                                    AttnBlock(channels, norm_groups, norm_eps) if attention else nn.Identity(), block())
+        self.norm_out, self.conv_out = group_norm(channels, norm_groups, norm_eps), nn.Conv2d(channels, 1, 3, padding=1)
         nn.init.zeros_(self.conv_out.weight); nn.init.zeros_(self.conv_out.bias)
         self.head = nn.Linear(H * W, n_out)
     def forward(self, f:Tensor) -> Tensor:
@@ -71,9 +74,10 @@ def sum_of_gamma_noise(shape:tuple, # shape of the noise
                        n_terms:int=10, # s, the number of Gamma terms
                        device=None,
                        generator:torch.Generator|None=None,
+                       dtype:torch.dtype|None=None, # of the draws and the sum (None: the default dtype)
                       ) -> Tensor:
     "I-MLE's sum-of-gamma noise as in the official MuLAN code: `(τ/k)(Σ_{i=1}^{s} G_i·i/k - log s)`, `G_i ~ Gamma(1/k, 1)`."
-    G = torch._standard_gamma(torch.full((n_terms, *shape), 1.0 / k, device=device), generator=generator)
+    G = torch._standard_gamma(torch.full((n_terms, *shape), 1.0 / k, device=device, dtype=dtype), generator=generator)
     i = torch.arange(1, n_terms + 1, device=device, dtype=G.dtype).reshape(-1, *[1] * len(shape))
     return (tau / k) * ((G * i / k).sum(0) - math.log(n_terms))
 
@@ -100,7 +104,9 @@ class TopKLatent(nn.Module):
                generator:torch.Generator|None=None, # for the perturbation
               ) -> Tensor:
         "k-hot sample of q(c|x) (shape (B, m)) whose gradient flows through the centred, normalised perturbed logits."
-        l = logits + sum_of_gamma_noise(logits.shape, self.k, self.tau, device=logits.device, generator=generator).to(logits.dtype)
+        noise = sum_of_gamma_noise(logits.shape, self.k, self.tau, device=logits.device, generator=generator,
+                                   dtype=torch.promote_types(logits.dtype, torch.float32))   # float64 for a float64 model
+        l = logits + noise.to(logits.dtype)
         l = l - l.mean(1, keepdim=True)
         soft = l / l.norm(dim=1, keepdim=True).clamp_min(1e-12)
         return self.hard_topk(l) + (soft - soft.detach())  # exactly k-hot forward, gradient of `soft` backward

@@ -18,7 +18,7 @@ from .diffusion import check_levels, levels_to_data, diffuse
 from .bound import (stratified_times, discretize_times, diffusion_weight, diffusion_loss, eps_from_v,
                             recon_loss, prior_kl, nats_to_bpd)
 from .schedules import (GAMMA_MIN, GAMMA_MAX, gamma_min_for_levels, LinearSchedule, ScalarSchedule, MonotoneNNSchedule,
-                                PolynomialSchedule, SigmoidSchedule, POLYNOMIAL_INITS)
+                                PolynomialSchedule, SigmoidSchedule, POLYNOMIAL_INITS, patch_count)
 from .latents import LatentEncoder, make_latent
 from .denoiser import ScoreUNet, fourier_exponents
 
@@ -55,6 +55,7 @@ class MuLANConfig:
     conditioned: bool = True # the schedule sees c (False: zeros, the "no latent in the schedule" ablation)
     schedule_width: int|None = None # hidden width of the schedule network (default D; 1024 for 'monotone')
     schedule_init: str = 'random' # polynomial schedule only: 'random' (the official init) or 'linear' (starts as VDM's linear schedule)
+    schedule_patch: int = 1 # side p of the square patches sharing one γ in each channel: d = C·(H/p)·(W/p) schedules (1: one per pixel)
     latent: str = 'topk' # 'topk', 'gaussian' or 'none'
     latent_m: int = 50 # size of c
     latent_k: int = 15 # ones in c (top-k)
@@ -71,6 +72,10 @@ class MuLANConfig:
     gamma_min: float|None = None # γ at t = 0 (None: `gamma_min_for_levels(K)`, VDM's -13.3 for 8-bit data)
     gamma_max: float = GAMMA_MAX # γ at t = 1
     fourier: tuple|None = None # exponents of the input's Fourier features (None: `fourier_exponents(K)`, (6, 7) for 8-bit data)
+    norm_groups: int|None = None # GroupNorm groups in the denoiser and encoder (None: the most up to 32 with >= 4 channels each; the official code: 32)
+    norm_eps: float = 1e-5 # GroupNorm ε (torch's default; the official code: Flax's 1e-6)
+    cond_bias: bool = True # the denoiser's conditioning projections have a bias (the official code's have none)
+    encoder_dropout: float = 0. # dropout in the encoder's residual blocks (the official code: the denoiser's dropout)
 
     def __post_init__(self):
         check_field_types(self)
@@ -82,6 +87,9 @@ class MuLANConfig:
         need(self.schedule in SCHEDULES, f"unknown schedule {self.schedule!r}: choose one of {sorted(SCHEDULES)}")
         need(self.schedule_init in POLYNOMIAL_INITS, f"unknown schedule_init {self.schedule_init!r}: choose one of {POLYNOMIAL_INITS}")
         need(self.schedule_init == 'random' or self.schedule == 'polynomial', f"schedule_init={self.schedule_init!r} is for the polynomial schedule, not {self.schedule!r}")
+        need(self.schedule_patch == 1 or (self.schedule in ('polynomial', 'sigmoid', 'monotone') and self.multivariate),
+             f"schedule_patch={self.schedule_patch} is for a multivariate polynomial, sigmoid or monotone schedule, not schedule={self.schedule!r} with multivariate={self.multivariate}")
+        patch_count(self.data_shape, self.schedule_patch)   # p >= 1 divides H and W, or a one-line ValueError
         need(self.latent in ('topk', 'gaussian', 'none'), f"unknown latent {self.latent!r}: choose 'topk', 'gaussian' or 'none'")
         need(self.latent == 'none' or self.latent_m >= 1, f"latent_m must be >= 1, got {self.latent_m}")
         need(self.latent != 'topk' or 1 <= self.latent_k < self.latent_m, f"latent_k must lie in [1, latent_m), got {self.latent_k}")
@@ -99,6 +107,11 @@ class MuLANConfig:
         need(self.schedule_width is None or self.schedule_width >= 1, f"schedule_width must be >= 1, got {self.schedule_width}")
         need(self.K <= 2**16, f"K (levels) must be at most 65536, got {self.K}")
         need(self.gamma_min < self.gamma_max, f"gamma_min must be below gamma_max, got {self.gamma_min}, {self.gamma_max}")
+        widths = {'channels': self.channels, **({'encoder_channels': self.encoder_channels} if self.latent != 'none' else {})}
+        need(self.norm_groups is None or (self.norm_groups >= 1 and all(w % self.norm_groups == 0 for w in widths.values())),
+             f"norm_groups={self.norm_groups} must divide " + ' and '.join(f'{k}={v}' for k, v in widths.items()))
+        need(0 < self.norm_eps < 1, f"norm_eps must lie in (0, 1), got {self.norm_eps}")
+        need(0 <= self.encoder_dropout < 1, f"encoder_dropout must lie in [0, 1), got {self.encoder_dropout}")
 
     @property
     def latent_dim(self) -> int: return 0 if self.latent == 'none' else self.latent_m
@@ -131,14 +144,17 @@ class MuLAN(nn.Module):
         self.config, shape, m = cfg, cfg.data_shape, cfg.latent_dim
         self.D = math.prod(shape)
         self.latent = make_latent(cfg.latent, cfg.latent_m, cfg.latent_k, cfg.kl)
-        self.encoder = LatentEncoder(shape, self.latent.n_params, cfg.encoder_channels, cfg.encoder_blocks, fourier=cfg.fourier) if m else None
+        norm = dict(norm_groups=cfg.norm_groups, norm_eps=cfg.norm_eps)
+        self.encoder = LatentEncoder(shape, self.latent.n_params, cfg.encoder_channels, cfg.encoder_blocks, fourier=cfg.fourier,
+                                     dropout=cfg.encoder_dropout, **norm) if m else None
         ends = dict(gamma_min=cfg.gamma_min, gamma_max=cfg.gamma_max)
         if cfg.schedule in ('linear', 'scalar'): self.schedule = SCHEDULES[cfg.schedule](shape, **ends)
         else:
             width = dict(width=cfg.schedule_width) if cfg.schedule_width else {}
             if cfg.schedule == 'polynomial': width['init'] = cfg.schedule_init
-            self.schedule = SCHEDULES[cfg.schedule](shape, m if cfg.conditioned else 0, multivariate=cfg.multivariate, **ends, **width)
-        self.denoiser = ScoreUNet(shape, cfg.channels, cfg.n_blocks, m, cfg.dropout, cfg.attention, cfg.fourier, **ends, null_noise=cfg.noise_dropout > 0)
+            self.schedule = SCHEDULES[cfg.schedule](shape, m if cfg.conditioned else 0, multivariate=cfg.multivariate, patch=cfg.schedule_patch, **ends, **width)
+        self.denoiser = ScoreUNet(shape, cfg.channels, cfg.n_blocks, m, cfg.dropout, cfg.attention, cfg.fourier, **ends,
+                                  null_noise=cfg.noise_dropout > 0, cond_bias=cfg.cond_bias, **norm)
 
     @classmethod
     def from_preset(cls, name:str, # one of `PRESETS`
@@ -165,8 +181,8 @@ def encode(self:MuLAN, x:Tensor, # integer images, shape (B, *data_shape)
            generator:torch.Generator|None=None, # for the draw of c (the global one when None)
           ) -> tuple[Tensor|None, Tensor]:
     "Sample c ~ q(c | x) and its KL term (nats, shape (B,)) for integer images x."
-    if self.encoder is None: return None, torch.zeros(x.shape[0], device=x.device)
-    params = self.encoder(levels_to_data(x, self.config.K))
+    if self.encoder is None: return None, torch.zeros(x.shape[0], device=x.device, dtype=self.denoiser.conv_in.weight.dtype)
+    params = self.encoder(levels_to_data(x, self.config.K).to(self.encoder.conv_in.weight.dtype))   # in the model's dtype
     return self.latent.sample(params, generator), self.latent.kl(params)
 
 # %% ../nbs/05_model.ipynb #5c0a1e08
@@ -210,9 +226,9 @@ def nelbo(self:MuLAN, x:Tensor, # integer images, shape (B, *data_shape), values
     "Per-example NELBO terms in bits per dimension: dict of (B,) tensors `bpd`, `diffusion`, `recon`, `prior`, `latent`."
     cfg = self.config
     check_levels(x, cfg.K, cfg.data_shape)
-    B, f = x.shape[0], levels_to_data(x, cfg.K)
+    B, f = x.shape[0], levels_to_data(x, cfg.K).to(self.denoiser.conv_in.weight.dtype)   # in the model's dtype
     c, kl_c = self.encode(x)
-    if t is None: t = stratified_times(B, device=x.device)
+    if t is None: t = stratified_times(B, device=x.device).to(f.dtype)
     check_times_per_image(t, B)
     ts = [t, torch.zeros_like(t), torch.ones_like(t)]
     if cfg.T: t, s = discretize_times(t, cfg.T); ts = [t, ts[1], ts[2], s]

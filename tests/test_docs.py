@@ -1,12 +1,13 @@
 """The documentation site (`python tools/build_docs.py`) and the README generated from nbs/index.ipynb.
 
-The site is built once into a temporary folder with `--no-execute` (the API cells, exports and imports run;
-the lessons do not: nbdev_test runs them, and executing every notebook takes minutes), plus one notebook
-executed in full to check that its plots come out. The pages are then opened in headless Chromium: the API
-reference, the sidebar and the maths are checked in the DOM after MathJax has run. Chromium: Debian's
-`chromium` (.ci/run installs it when missing); without it only the browser checks are skipped.
+The site is built once into a temporary folder with `--no-execute` (nbdev's processors; in the kernels only
+the cells nbdev runs for `show_doc`: exports and imports; the lessons are nbdev_test's, and executing every
+notebook takes minutes), plus one notebook executed in full to check that its plots come out. The pages are
+then opened in headless Chromium: the API reference, the sidebar and the maths are checked in the DOM after
+MathJax has run. Chromium: Debian's `chromium` (.ci/run installs it when missing); without it only the browser
+checks are skipped.
 """
-import importlib.util, inspect, os, re, shutil, subprocess, sys, tempfile
+import functools, importlib.util, inspect, os, re, shutil, subprocess, sys, tempfile
 from pathlib import Path
 
 import nbformat, pytest
@@ -44,7 +45,9 @@ def site(tmp_path_factory):
     return out
 
 
+@functools.lru_cache(maxsize=None)
 def _soup(path: Path):
+    "A page's static HTML, parsed once (each page holds JupyterLab's CSS: parsing takes a while)."
     return bs4.BeautifulSoup(path.read_text(encoding="utf-8"), "html.parser")
 
 
@@ -87,32 +90,93 @@ def _exported_api():
 
 # ---------------------------------------------------------------- static checks of the built HTML
 
+def _frontmatter_title(nb: Path) -> str:
+    "The title nbdev's FrontmatterProc reads from the notebook's first markdown cell."
+    first = next(c for c in nbformat.read(nb, as_version=4).cells if c.cell_type == "markdown")
+    return re.search(r"^#\s+(.+?)\s*$", first.source, re.M).group(1)
+
+
+def _api(soup, name):
+    "The API entry of `name`: nbdev's show_doc markdown in its box."
+    return soup.select_one(f'section.api[data-name="{name}"]')
+
+
+def _signature(entry) -> str:
+    return entry.select_one(".highlight pre").get_text()
+
+
 def test_pages_in_notebook_order(site):
     nbs = build_docs.notebooks()
     assert nbs[0].name == "index.ipynb" and [p.name for p in nbs[1:]] == sorted(p.name for p in nbs[1:])
+    assert {p.name for p in nbs} == {p.name for p in (ROOT / "nbs").glob("*.ipynb")}
     for nb in nbs: assert (site / build_docs.page_name(nb)).is_file(), nb
     assert build_docs.page_name(ROOT / "nbs" / "01_bound.ipynb") == "bound.html"
+    assert sorted(p.name for p in site.glob("*.html")) == sorted(build_docs.page_name(p) for p in nbs)
 
 
 def test_every_exported_name_documented(site):
-    "Each exported function and class has its entry, signature and docstring on the page nbdev links it to."
+    """Each exported function and class has nbdev's API entry on the page, under the anchor nbdev links it to
+    (mulan_nb/_modidx.py): its signature with every parameter, and its docstring."""
     api = _exported_api()
     assert len(api) > 50, len(api)
-    soups = {}
     for name, obj, page, anchor in api:
-        soup = soups.setdefault(page, _soup(site / page))
-        div = soup.find("div", class_="api", id=anchor)
-        assert div is not None and div["data-name"] == name, f"{page}#{anchor}: no API entry for {name}"
-        sig = div.select_one("pre.api-sig").get_text()
-        assert re.search(rf"\b(def|class) {re.escape(name)}\b", sig), sig
+        soup = _soup(site / page)
+        entry = _api(soup, name)
+        assert entry is not None, f"{page}: no API entry for {name}"
+        assert entry.select_one(f'h3[id="{anchor}"]'), f"{page}#{anchor}: the entry of {name} has not that anchor"
+        sig = _signature(entry)
+        assert re.match(rf"(async )?def {re.escape(name)}\(", sig), sig
         try: params = [p for p in inspect.signature(obj).parameters if p not in ("self", "cls")]
         except (TypeError, ValueError): params = []
-        for p in params: assert re.search(rf"\b{re.escape(p)}\b", sig), f"{name}: {p} not in {sig}"
+        for p in params: assert re.search(rf"(?<![\w.]){re.escape(p)}[:=,)\n]", sig), f"{name}: {p} not in {sig}"
         doc = obj.__doc__ if isinstance(obj.__doc__, str) and not obj.__doc__.startswith(name + "(") else ""
         if doc.strip():
-            first = " ".join(inspect.cleandoc(doc).split("\n\n")[0].replace("`", "").split())
-            text = " ".join(div.select_one(".api-doc").get_text().split())
-            assert first[:60] in text, f"{name}: docstring {first[:60]!r} not in {text[:200]!r}"
+            # (nbdev italicises the first line with `*`, which a `*` inside it upsets: compared without them)
+            first = " ".join(inspect.cleandoc(doc).split("\n\n")[0].replace("`", "").replace("*", "").split())
+            text = " ".join(entry.get_text("").replace("*", "").split())
+            assert first[:60] in text, f"{name}: docstring {first[:60]!r} not in {text[-300:]!r}"
+
+
+def test_exported_source_shown_after_its_entry(site):
+    "`#| export` cells stay on the page (as nbdev shows `#| exports`): the entry, then the source under \"Exported source\"."
+    soup = _soup(site / "bound.html")
+    entry = _api(soup, "diffusion_loss")
+    src = entry.find_next_sibling()
+    fold = src.select_one("details.docs-source")
+    assert fold is not None and fold.has_attr("open") and fold.summary.get_text(strip=True) == "Exported source"
+    assert re.search(r"def\s+diffusion_loss\(", fold.get_text()), fold.get_text()[:300]
+    # a dataclass defined in a notebook has no docments in show_doc (fastcore reads no source from __main__):
+    # its field comments are read in the exported source next to it
+    soup = _soup(site / "model.html")
+    fold = _api(soup, "MuLANConfig").find_next_sibling().select_one("details.docs-source")
+    assert re.search(r"K: int = 17\s*# number of levels", fold.get_text()), fold.get_text()[:600]
+    # hidden cells, nbdev's directives and the show_doc calls are gone
+    for page in site.glob("*.html"):
+        text = _soup(page).select_one("main").get_text()
+        assert not re.search(r"#\s*\|", text), f"{page.name}: a cell option left on the page"
+        assert "show_doc(" not in text and "nbdev_export()" not in text, page.name
+
+
+def test_links_resolve(site):
+    "Links between pages and to API entries (nbdev's add_links, made relative; the sidebar) land on an existing anchor."
+    ids, links = {}, []
+    for page in site.glob("*.html"):
+        soup = _soup(page)
+        ids[page.name] = {t["id"] for t in soup.select("[id]")}
+        links += [(page.name, a["href"]) for a in soup.select("a[href]")]
+    assert not [l for l in links if "mulan-nb.github.io" in l[1]], "a link to doc_host left in"
+    internal = [(p, h) for p, h in links if not re.match(r"^[a-z]+:", h)]
+    prose = [(p, h) for p, h in internal if re.match(r"^\w+\.html#", h) and not h.startswith(p + "#")]
+    assert len(prose) > 20, prose  # names in the text linked to their entries on other pages
+    for page, href in internal:
+        target, _, frag = href.partition("#")
+        target = target or page
+        if not target.endswith(".html"):  # a file of the repository, relative to the site
+            assert (site / target).exists(), f"{page}: link to {href}, no such file"
+            continue
+        assert target in ids, f"{page}: link to {href}, no such page"
+        # nbdev links private names too (they are in _modidx) but documents none: those land on the page
+        if frag and not frag.startswith("_"): assert frag in ids[target], f"{page}: link to {href}, no such anchor"
 
 
 def test_offline_and_local_mathjax(site):
@@ -129,6 +193,7 @@ def test_index_page_and_pictures(site):
     soup = _soup(site / "index.html")
     text = soup.get_text("")
     assert "test bpd (dense ELBO, 128 draws per image)" in text and "pip install -e . && mulan_train" in text
+    assert soup.select_one("header.docs-title h1").get_text(strip=True) == _frontmatter_title(ROOT / "nbs" / "index.ipynb")
     imgs = [i["src"] for i in soup.select("img")]
     assert "docs_images/samples.png" in imgs and "docs_images/schedules.png" in imgs
     for src in imgs: assert (site / src).is_file(), src
@@ -137,7 +202,7 @@ def test_index_page_and_pictures(site):
 def test_readme_generated_from_index():
     text = (ROOT / "README.md").read_text(encoding="utf-8")
     assert text == build_docs.readme_text(), "README.md is stale: run python tools/build_docs.py --readme"
-    assert text.startswith(build_docs.README_WARNING)
+    assert text.startswith(build_docs.README_WARNING + "\n\n# mulan_nb\n\n> ")
     assert 'pip install -e . && mulan_train' in text and 'pip install -e ".[dev]" && nbdev_test && pytest -q tests' in text
     assert "| preset | test bpd (dense ELBO, 128 draws per image) | steps | seeds |" in text
     for img in re.findall(r"!\[[^\]]*\]\(([^)\s]+)\)", text): assert (ROOT / img).is_file(), img
@@ -149,22 +214,35 @@ def test_executed_notebook_has_plots(tmp_path):
     _build(out, "--only", "02_schedules")
     soup = _soup(out / "schedules.html")
     assert soup.select('img[src^="data:image/png;base64,"]'), "no plot in the executed page"
-    assert soup.find("div", class_="api", id="linearschedule")
+    assert _api(soup, "LinearSchedule") is not None
     assert "(executed)" in soup.select_one("footer").get_text()
+
+
+def _broken_site(tmp_path, *cells, args=()):
+    from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
+    nbs = tmp_path / "nbs"
+    nbs.mkdir()
+    nb = new_notebook(cells=[new_markdown_cell("# Broken"), *map(new_code_cell, cells)],
+                      metadata={"kernelspec": {"name": "python3", "display_name": "python3", "language": "python"}})
+    nbformat.write(nb, nbs / "00_broken.ipynb")
+    return subprocess.run([sys.executable, str(ROOT / "tools" / "build_docs.py"), "--nbs", str(nbs), "--out", str(tmp_path / "out"), *args],
+                          env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
 
 
 def test_build_fails_loudly(tmp_path):
     "An error in a notebook stops the build, naming the notebook and the cell."
-    from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
-    nbs = tmp_path / "nbs"
-    nbs.mkdir()
-    nb = new_notebook(cells=[new_markdown_cell("# Broken"), new_code_cell("x = 1"), new_code_cell("#| hide\n1 / 0")],
-                      metadata={"kernelspec": {"name": "python3", "display_name": "python3", "language": "python"}})
-    nbformat.write(nb, nbs / "00_broken.ipynb")
-    r = subprocess.run([sys.executable, str(ROOT / "tools" / "build_docs.py"), "--nbs", str(nbs), "--out", str(tmp_path / "out")],
-                       env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
+    r = _broken_site(tmp_path, "x = 1", "#| hide\n1 / 0")
     assert r.returncode == 1, (r.stdout, r.stderr)
     assert "00_broken.ipynb: cell 2" in r.stderr and "ZeroDivisionError" in r.stderr, r.stderr[-2000:]
+
+
+def test_no_execute_runs_what_nbdev_runs_for_show_doc(tmp_path):
+    """--no-execute: a lesson (cell 2) and a cell mixing imports with lesson code (3) are not run; an exported
+    cell (4) is, and its error names it."""
+    r = _broken_site(tmp_path, "#| export\ndef f(x:int): return x", "1 / 0", "import math\nmath.sqrt(-1)",
+                     "#| export\ny = undefined_name", args=["--no-execute"])
+    assert r.returncode == 1, (r.stdout, r.stderr)
+    assert "00_broken.ipynb: cell 4" in r.stderr and "NameError" in r.stderr, r.stderr[-2000:]
 
 
 # ---------------------------------------------------------------- in the browser
@@ -175,32 +253,36 @@ def test_browser_api_reference_and_sidebar(site):
     dom = rendered_dom(site / "bound.html")
     links = dom.select("nav.docs-sidebar ol.docs-pages > li > a")
     assert [a["href"] for a in links] == [build_docs.page_name(p) for p in nbs]
-    assert [a.get_text(strip=True) for a in links] == [build_docs.title_of(nbformat.read(p, as_version=4)) for p in nbs]
+    assert [a.get_text(strip=True) for a in links] == [_frontmatter_title(p) for p in nbs]
     assert [a.get_text(strip=True) for a in links][2] == "The multivariate variational bound"
     assert [a["href"] for a in dom.select("nav.docs-sidebar a.active")] == ["bound.html"]
-    api = dom.select_one("div.api#diffusion_loss")
-    assert api is not None
+    toc = [a["href"] for a in dom.select("nav.docs-sidebar li.active ul.docs-api-toc a")]
+    assert toc == ["#" + h3["id"] for h3 in dom.select("section.api h3")] and "#diffusion_loss" in toc, toc
+    api = _api(dom, "diffusion_loss")
+    assert api is not None and api.h3["id"] == "diffusion_loss"
     from mulan_nb.bound import diffusion_loss
     params = list(inspect.signature(diffusion_loss).parameters)
-    sig = api.select_one("pre.api-sig").get_text()
-    assert sig.startswith("def diffusion_loss(") and all(f"{p}: Tensor" in sig for p in params) and sig.endswith("-> Tensor"), sig
-    assert inspect.getdoc(diffusion_loss).split("`")[0] in api.select_one(".api-doc").get_text()
-    assert [td.get_text(strip=True) for td in api.select("table.api-params tbody td:first-child")][:len(params)] == params
-    assert "the noise used to make z_t" in api.select_one("table.api-params").get_text()  # docments
+    sig = _signature(api)
+    assert sig.startswith("def diffusion_loss(") and sig.rstrip().endswith(")->Tensor:"), sig
+    lines = {l.split(":")[0].strip(): l for l in sig.splitlines()[1:-1]}
+    assert list(lines) == params, (params, sig)
+    for p in params: assert re.match(rf"\s*{p}:Tensor, # \S", lines[p]), lines[p]  # annotation and docment
+    assert "the noise used to make z_t" in lines["eps"]
+    assert inspect.getdoc(diffusion_loss).split("`")[0] in api.get_text()
+    assert re.search(r"mulan_nb/bound\.py#L\d+$", api.select_one('a[target="_blank"]')["href"])  # nbdev's source link
 
     dom = rendered_dom(site / "model.html")
-    api = dom.select_one("div.api#mulan")
-    assert api is not None and api["data-name"] == "MuLAN"
-    sig = api.select_one("pre.api-sig").get_text()
-    assert sig.startswith("class MuLAN(") and "config: MuLANConfig | None = None" in sig and "**overrides" in sig
-    patched = {a["data-name"]: a for a in dom.select("div.api[data-kind=method]")}   # methods added with @patch, each after its own cell
+    api = _api(dom, "MuLAN")
+    assert api is not None and api.h3["id"] == "mulan"
+    sig = _signature(api)
+    assert sig.startswith("def MuLAN(") and re.search(r"config:\S*MuLANConfig \| None=None, # \S", sig) and "overrides" in sig, sig
+    patched = {a["data-name"]: a for a in dom.select("section.api") if "." in a["data-name"]}  # methods added with @patch
     assert {"MuLAN.nelbo", "MuLAN.forward", "MuLAN.encode", "MuLAN.gamma"} <= set(patched), sorted(patched)
-    nelbo = patched["MuLAN.nelbo"].select_one("pre.api-sig").get_text()
-    assert nelbo.startswith("def MuLAN.nelbo(") and "self" not in nelbo and "x: Tensor" in nelbo, nelbo
+    nelbo = patched["MuLAN.nelbo"]
+    assert nelbo.h3["id"] == "mulan.nelbo"  # the anchor of MuLAN.nelbo in mulan_nb/_modidx.py
+    sig = _signature(nelbo)
+    assert sig.startswith("def nelbo(") and "self" not in sig and re.search(r"^\s*x:Tensor, # integer images", sig, re.M), sig
     assert [a["href"] for a in dom.select("nav.docs-sidebar a.active")] == ["model.html"]
-    rows = {tr.td.get_text(strip=True): tr.find_all("td")[-1].get_text(strip=True)
-            for tr in dom.select("div.api#mulanconfig table.api-params tbody tr")}
-    assert "levels" in rows["K"] and rows["data_shape"], rows  # a dataclass's field comments
 
 
 @needs_chromium

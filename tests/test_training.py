@@ -1,4 +1,4 @@
-"""Integration tests of `mulan_train`: bad input, SIGKILL and resume, distributed data parallel.
+"""Integration tests of `mulan_train`: bad input, SIGKILL and resume, DistributedDataParallel under torchrun (one machine and two).
 
 Bad input tried here (each must exit with code 2 and one line on stderr):
 unknown preset; zero steps; negative learning rate; batch larger than the data set; batch not divisible by
@@ -6,7 +6,7 @@ processes × accum; missing .npy file; missing torchvision root; unknown data se
 unknown model field in --set; model field out of range in --set; --resume without a checkpoint; resume with
 a checkpoint of another preset; an unknown precision; a non-integer step count.
 """
-import json, os, random, signal, subprocess, sys, time
+import json, os, random, signal, socket, subprocess, sys, time
 from pathlib import Path
 import pytest, torch
 from mulan_nb.cli import train_main as main
@@ -99,16 +99,37 @@ def test_a_run_killed_after_its_last_checkpoint_finishes_on_resume(tmp_path):
     assert code == 2 and 'beyond --steps 2' in err, err
 
 
-def test_two_processes_match_one_with_the_same_global_batch(tmp_path):
-    "torchrun with 2 CPU processes (gloo) against one process with accum=2: same parameters after 5 steps."
-    steps = ['--steps', '5', '--ckpt-every', '5']
-    subprocess.run(cli('--out', str(tmp_path / 'single'), '--accum', '2', *steps, *TINY), check=True, capture_output=True)
+def torchrun(*options):
+    return [sys.executable, '-m', 'torch.distributed.run', *options, '--no-python']
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(('localhost', 0)); return s.getsockname()[1]
+
+
+@pytest.mark.parametrize('preset, accum, launch', [
+    ('digits-mulan', 1, 'standalone'),           # DDP's mean over 2 processes of one shard each
+    ('digits-vdm', 2, 'standalone, resumed'),    # 2 shards per process, the first under no_sync; stopped after step 3, resumed to 5
+    ('digits-mulan', 1, 'two machines'),         # torchrun's c10d rendezvous: 2 launchers ("machines") of 1 process each
+])
+def test_two_processes_match_one_with_the_same_global_batch(tmp_path, preset, accum, launch):
+    "torchrun with 2 CPU processes (gloo, DistributedDataParallel) against one process with the same 2 × accum shards: same parameters after 5 steps."
+    common = ['--preset', preset, '--ckpt-every', '5', *TINY]
+    subprocess.run(cli('--out', str(tmp_path / 'single'), '--accum', str(2 * accum), '--steps', '5', *common), check=True, capture_output=True)
     env = {**os.environ, 'OMP_NUM_THREADS': '1'}
-    run = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2', '--no-python',
-                          *cli('--out', str(tmp_path / 'ddp'), *steps, *TINY)], env=env, capture_output=True, text=True)
-    assert run.returncode == 0, run.stderr[-2000:]
+    ddp = cli('--out', str(tmp_path / 'ddp'), '--accum', str(accum), *common)
+    if launch == 'two machines':
+        rdzv = ['--nnodes', '2', '--nproc-per-node', '1', '--rdzv-backend', 'c10d', '--rdzv-endpoint', f'localhost:{free_port()}', '--rdzv-id', 'test']
+        machines = [subprocess.Popen(torchrun(*rdzv) + ddp + ['--steps', '5'], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+        runs = [(m.communicate(timeout=600)[1], m.returncode) for m in machines]
+    else:
+        stops = [3, 5] if 'resumed' in launch else [5]
+        runs = [(r.stderr, r.returncode) for r in (subprocess.run(torchrun('--standalone', '--nproc-per-node', '2') + ddp + ['--steps', str(n), *(['--resume'] if i else [])],
+                                                                   env=env, capture_output=True, text=True) for i, n in enumerate(stops))]
+    for err, code in runs: assert code == 0, err[-2000:]
     diff = max_diff(params(tmp_path / 'single' / 'checkpoint.pt'), params(tmp_path / 'ddp' / 'checkpoint.pt'))
-    print(f'2 processes vs 1 process with accum=2: max |Δθ| = {diff:.2e}')
+    print(f'{preset}, 2 processes ({launch}) × accum {accum} vs 1 process × accum {2 * accum}: max |Δθ| = {diff:.2e}')
     assert diff <= 1e-5
 
 

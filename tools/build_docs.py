@@ -1,48 +1,56 @@
 #!/usr/bin/env python
-"""Build the documentation site from the notebooks, offline, with the Jupyter tools.
+"""Build the documentation site from the notebooks, offline: nbdev's processors, then what Quarto would do.
 
     python tools/build_docs.py                      # execute every notebook, write _docs/ (open _docs/index.html)
-    python tools/build_docs.py --no-execute         # run only what the API reference needs (fast)
-    python tools/build_docs.py --out DIR --timeout S
+    python tools/build_docs.py --no-execute         # run only the cells nbdev runs for show_doc (fast)
+    python tools/build_docs.py --out DIR --timeout S --only 02_schedules --nbs DIR
     python tools/build_docs.py --readme             # README.md from nbs/index.ipynb (nothing executed)
 
-Where Quarto is installed, `nbdev_docs` (and `nbdev_readme`) stay the way to build the nbdev site; this
-script is the same idea without Quarto. For every notebook in `nbs/`, `index.ipynb` first and then in
-file-name order, it
+Where Quarto is installed, `nbdev_docs` stays the way to build the nbdev site. It runs every notebook through
+nbdev's `NBProcessor` with the processors of `FilterDefaults` (front matter, `show_doc` cells after exported
+definitions, hidden cells and lines, magics, links to the API entries, folded exported source) and hands the
+result to Quarto. This script runs the same processors and replaces the two steps that need Quarto:
 
-1. adds nbdev's API reference: after each `#| export` cell, one hidden cell per public function or
-   class that the cell defines (the names nbdev's `add_show_docs` picks), which shows the signature,
-   docstring and parameter docs (`fastcore.docments`) of the notebook's own definition
-   (see `tools/docs_helper.py`);
-2. executes the notebook with nbclient (the engine of nbconvert's ExecutePreprocessor; kernel `python3`,
-   working directory `nbs/`, `OMP_NUM_THREADS=1`), skipping what `nbdev_test` skips (`#| eval: false`,
-   the `tst_flags` of settings.ini, `nbdev_export()`); any error stops the build, naming the notebook and
-   the cell. With `--no-execute` only the cells nbdev itself runs for `show_doc` (exports and imports)
-   and the API cells run;
-3. applies nbdev's cell directives (`#| hide` and `#| include: false` drop a cell, `#| echo: false` its
-   source, `#| output: false` its outputs; `#| export` source is folded under "Exported source") and
-   links `` `name` `` in the prose to its API entry;
-4. converts it with nbconvert's HTMLExporter (lab template, plots embedded as PNG) through
-   `tools/docs_template/`, which adds a sidebar listing every page in notebook order and loads a local
-   MathJax instead of the CDN.
+* nbdev's `exec_show_docs` (which runs the cells `show_doc` needs in an in-process shell) is replaced by
+  nbclient, in one `python3` kernel per notebook started in the notebook's folder with `OMP_NUM_THREADS=1`:
+  every cell (except `#| eval: false`, the `tst_flags` of settings.ini and `nbdev_export()`, as `nbdev_test`),
+  or with `--no-execute` only the cells nbdev itself picks (`_do_eval`: exports, imports, `show_doc`), less
+  those it warns about (imports mixed with other code: lessons that need cells not run). The API entries are nbdev's `show_doc` markdown, computed in that kernel for the notebook's own definitions.
+  Any error stops the build, naming the notebook and the cell.
+* Quarto's rendering is replaced by what this script keeps as its own: the cell options nbdev leaves for
+  Quarto (`output: asis`, `echo`, `output`, `include`, `code-fold`/`code-summary`), pandoc's link attributes
+  and lower-case heading ids (the anchors `mulan_nb/_modidx.py` links to), links made relative (nbdev links to
+  `doc_host`; `*.ipynb` links go to their pages), pictures copied next to the pages, and nbconvert's
+  HTMLExporter with `tools/docs_template/`: a sidebar listing every page in notebook order with its API
+  entries, the title block from the front matter, and a local MathJax instead of the CDN.
+
+Exported source stays on the page: `#| export` cells are shown the way nbdev shows `#| exports` cells
+(`add_fold` + `mv_exports`: the API entry, then the source folded open under "Exported source"), because in
+a literate package the code is part of the text; nbdev's default would hide it.
 
 Offline maths: MathJax 2.7 from the PyPI package `jupyter-server-mathjax` (in settings.ini's
-dev_requirements), copied into `DIR/mathjax/`. It is what nbconvert's HTML template is written for
-(MathJax 2 with `$`/`$$` delimiters, only the URL changes), it installs with `pip install -e ".[dev]"` on
-every developer's machine and in CI (no npm, no JavaScript vendored in the repo), and it typesets the full
-TeX of the derivations (`\\underbrace`, `\\operatorname`, AMS environments) in the browser, which
-build-time TeX-to-MathML converters only partly cover.
+dev_requirements), copied into `DIR/mathjax/`: what nbconvert's HTML template is written for (MathJax 2 with
+`$`/`$$` delimiters, only the URL changes), installed by `pip install -e ".[dev]"` (no npm, no JavaScript
+vendored in the repo), and it typesets the full TeX of the derivations in the browser.
 """
 from __future__ import annotations
 
-import argparse, ast, html, json, os, re, shutil, sys, tempfile, time
-from configparser import ConfigParser
+import argparse, json, os, re, shutil, sys, tempfile, time, warnings
+from contextlib import ExitStack
 from pathlib import Path
+
+import yaml
+from execnb.nbio import nb2dict, read_nb
+from fastcore.xtras import working_directory
+from nbdev.config import get_config
+from nbdev.doclinks import _nbpath2html, nbglob
+from nbdev.frontmatter import FrontmatterProc
+from nbdev.process import NBProcessor, Processor, _quarto_re, first_code_ln
+from nbdev.processors import FilterDefaults, _do_eval, add_show_docs, exec_show_docs, insert_warning, strip_ansi
 
 ROOT = Path(__file__).resolve().parents[1]
 NBS = ROOT / "nbs"
 TOOLS = ROOT / "tools"
-API_MIME = "application/vnd.mulan-nb.api+json"
 README_WARNING = ("<!-- WARNING: THIS FILE WAS AUTOGENERATED from nbs/index.ipynb by "
                   "`python tools/build_docs.py --readme`! DO NOT EDIT! -->")
 
@@ -51,191 +59,137 @@ class BuildError(RuntimeError):
     "A notebook failed to execute or convert."
 
 
-def settings() -> dict:
-    cfg = ConfigParser(interpolation=None)
-    cfg.read(ROOT / "settings.ini")
-    return dict(cfg["DEFAULT"])
+def cfg(): return get_config(path=ROOT)
 
-
-# ---------------------------------------------------------------- notebooks, pages, directives
 
 def notebooks(nbs: Path = NBS) -> list[Path]:
-    "The notebooks of the site: index.ipynb first, then the others in file-name order."
-    found = sorted(p for p in nbs.glob("*.ipynb") if not p.name.startswith(("_", ".")))
-    return [p for p in found if p.name == "index.ipynb"] + [p for p in found if p.name != "index.ipynb"]
+    "The site's notebooks in the order of nbdev's sidebar: index first, then by file name."
+    with working_directory(ROOT): found = nbglob(nbs, func=Path)
+    return sorted(found, key=lambda p: (p.name != "index.ipynb", p.name))
 
 
 def page_name(nb: Path) -> str:
-    "nbdev's (Quarto's) page name: `01_bound.ipynb` -> `bound.html`; the names in `mulan_nb/_modidx.py`."
-    if nb.stem == "index": return "index.html"
-    return re.sub(r"^\d+[a-zA-Z0-9]*_", "", nb.stem) + ".html"
+    "nbdev's page name (the front matter's `output-file`): `01_bound.ipynb` -> `bound.html`."
+    return _nbpath2html(Path(nb)).name
 
 
-def title_of(nb) -> str:
-    for c in nb.cells:
-        if c.cell_type == "markdown":
-            m = re.search(r"^#\s+(.+?)\s*$", c.source, re.M)
-            if m: return m.group(1)
-    return ""
+# ---------------------------------------------------------------- nbdev's processors, with nbclient for exec_show_docs
+
+def quarto_options(cell) -> tuple[dict, str]:
+    "The Quarto cell options (`#| key: value`, YAML) at the top of a processed cell, and its source without them."
+    lines = cell.source.splitlines(True)
+    n = first_code_ln(lines)
+    n = len(lines) if n is None else n
+    opts = yaml.safe_load("".join(re.sub(r"^\s*#\s*\|\s?", "", l) for l in lines[:n] if _quarto_re().match(l)))
+    return opts if isinstance(opts, dict) else {}, "".join(lines[n:])
 
 
-_re_directive = re.compile(r"^\s*#\s*\|\s*([\w-]+):?\s*(.*?)\s*$")
+def show_exported_source(cell):
+    "`#| export` shown as nbdev shows `#| exports`: its API entry, then its source (folded by `add_fold`)."
+    if cell.cell_type == "code" and "export" in cell.directives_:
+        cell.directives_["exports"] = cell.directives_.pop("export")
 
 
-def split_directives(src: str) -> tuple[dict, str]:
-    "nbdev/Quarto `#| key: value` lines at the top of a code cell, and the source without them."
-    lines, d, i = src.splitlines(), {}, 0
-    while i < len(lines):
-        m = _re_directive.match(lines[i])
-        if m: d[m.group(1).lower()] = m.group(2)
-        elif lines[i].strip(): break
-        i += 1
-    return d, "\n".join(lines[i:])
+def _split_outputs(outputs):
+    "nbclient's outputs in execnb's form (text as lists of lines), which nbdev's processors expect."
+    from nbformat.v4.rwbase import _split_mimebundle
+    for o in outputs:
+        if isinstance(o.get("text"), str): o["text"] = o["text"].splitlines(True)
+        if "data" in o: _split_mimebundle(o["data"])
+    return outputs
 
 
-def _false(v) -> bool: return str(v).strip().lower() in ("false", "0", "no")
+class execute(Processor):
+    "In place of nbdev's `exec_show_docs`: run the cells in a Jupyter kernel with nbclient."
+    def __init__(self, nb, stack: ExitStack, run_all: bool, timeout: int, skip_flags: set):
+        self.nb, self.stack, self.run_all, self.timeout, self.skip_flags = nb, stack, run_all, timeout, skip_flags
+
+    def wanted(self, cell) -> bool:
+        if not self.run_all:
+            # nbdev's choice for show_doc (`_do_eval`: exports, imports, show_doc) less the cells it warns about
+            # (imports mixed with other code: lessons needing cells not run; exported cells hold their own imports)
+            with warnings.catch_warnings(record=True) as warned:
+                warnings.simplefilter("always")
+                return bool(_do_eval(cell)) and not warned
+        d = cell.directives_ or {}
+        return (cell.cell_type == "code" and bool(cell.source.strip()) and "nbdev_export(" not in cell.source
+                and d.get("eval:", [""])[0].lower() != "false" and not (self.skip_flags & d.keys()))
+
+    def begin(self):
+        self.on = self.run_all or bool(self.nb.has_docs_)  # nbdev starts no shell for a notebook without docs
+        if not self.on: return
+        from nbclient import NotebookClient
+        from nbformat.v4 import new_code_cell, new_notebook
+        os.environ["OMP_NUM_THREADS"] = os.environ.get("DOCS_OMP_NUM_THREADS", "1")  # inherited by the kernel
+        os.environ.setdefault("MPLBACKEND", "module://matplotlib_inline.backend_inline")
+        # its own notebook, holding the cell it runs (nbclient writes the cell back at the index it is given)
+        self.client = NotebookClient(new_notebook(), timeout=self.timeout, kernel_name="python3", allow_errors=False,
+                                     shutdown_kernel="immediate", resources={"metadata": {"path": str(Path(self.nb.path_).parent)}})
+        self.log = self.stack.enter_context(tempfile.TemporaryFile("w+"))  # the kernel's stderr, shown on failure
+        self.stack.enter_context(self.client.setup_kernel(stderr=self.log))
+        self._run(new_code_cell("from nbdev.showdoc import show_doc"), setup=True)  # as exec_show_docs does
+
+    def _run(self, cell, setup=False):
+        from nbclient.exceptions import CellExecutionError, CellTimeoutError, DeadKernelError
+        self.client.nb.cells = [cell]
+        try: self.client.execute_cell(cell, 0)
+        except (CellExecutionError, CellTimeoutError, DeadKernelError) as e:
+            n = cell.get("nb_index_")
+            where = (f"cell {n} (0-based; id {cell.get('id')})" if n is not None
+                     else "the kernel's set-up" if setup else f"the show_doc cell nbdev added ({cell.source.splitlines()[-1]})")
+            self.log.seek(0)
+            kernel_log = self.log.read().strip()
+            raise BuildError(f"{Path(self.nb.path_).name}: {where} failed:\n--- source ---\n{cell.source}\n--- error ---\n{e}"
+                             + (f"\n--- kernel stderr ---\n{kernel_log}" if kernel_log else "")) from None
+        _split_outputs(cell.outputs)
+
+    def __call__(self, cell):
+        if self.on and self.wanted(cell): self._run(cell)
 
 
-def _tree(src: str):
-    try: return ast.parse("\n".join(l for l in src.splitlines() if not l.lstrip().startswith(("%", "!"))))
-    except SyntaxError: return None
+_re_link_attrs = re.compile(r"\[([^\]]*)\]\(([^)\s]+)\)\{([^}]*)\}")
 
 
-def _def_names(src: str) -> list[str]:
-    "Public top-level functions and classes a cell defines, named as nbdev's `showdoc_nm` names them (`Class.method` for a `@patch`)."
-    from nbdev.showdoc import showdoc_nm
-    tree = _tree(src)
-    if tree is None: return []
-    return [showdoc_nm(n) for n in tree.body if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))
-            and (not n.name.startswith("_") or n.name.startswith("__"))]
+def output_asis(cell):
+    """Quarto's `output: asis` (which nbdev's `clean_show_doc` gives show_doc cells): the markdown output becomes
+    part of the page, before `add_links` (which then links names in its prose, not in its code)."""
+    if cell.cell_type != "code" or quarto_options(cell)[0].get("output") != "asis": return
+    md = "".join("".join(o["data"]["text/markdown"]) for o in cell.get("outputs", []) if "text/markdown" in o.get("data", {}))
+    # pandoc's link attributes, `[source](url){target="_blank" style="..."}`, as HTML
+    md = _re_link_attrs.sub(lambda m: f'<a href="{m.group(2)}" {m.group(3)}>{m.group(1)}</a>', md)
+    m = re.search(r"^#+\s+(.+?)\s*$", md, re.M)
+    cell.cell_type, cell.source = "markdown", md
+    if m: cell.metadata["docs"] = {"api": m.group(1)}
+    for k in ("outputs", "execution_count"): cell.pop(k, None)
 
 
-def _shown_docs(src: str) -> list[str]:
-    "Names an explicit `show_doc(NAME)` in the cell documents."
-    tree = _tree(src)
-    if tree is None: return []
-    return [ast.unparse(n.value.args[0]) for n in tree.body
-            if isinstance(n, ast.Expr) and isinstance(n.value, ast.Call) and getattr(n.value.func, "id", None) == "show_doc"
-            and n.value.args]
+def docs_procs(execute_proc=None) -> list:
+    """`FilterDefaults`' processors (what `nbdev_docs` runs before Quarto) with `execute_proc` (and Quarto's
+    `output: asis`) in place of `exec_show_docs`, `#| export` shown like `#| exports`, and no warning cell
+    (the pages and README say where they come from)."""
+    out = []
+    for p in FilterDefaults().procs():
+        if p is insert_warning: continue
+        if p is add_show_docs: out.append(show_exported_source)
+        if p is exec_show_docs: out += [execute_proc, strip_ansi, output_asis] if execute_proc else [output_asis]
+        else: out.append(p)
+    return out
 
 
-def _only_imports(src: str) -> bool:
-    "A cell of imports only (nbdev runs every cell with an import for `show_doc`; other code may need cells not run)."
-    tree = _tree(src)
-    return tree is not None and bool(tree.body) and all(isinstance(n, (ast.Import, ast.ImportFrom)) for n in tree.body)
-
-
-_EXPORTS = {"export", "exports", "exporti"}
-
-
-# ---------------------------------------------------------------- preparing and executing one notebook
-
-def prepare(nb):
-    """Tag every code cell with its role and directives (in `cell.metadata.docs`), prepend the API helper
-    and add one API cell after each exported definition (or turn an explicit `show_doc(X)` into one)."""
-    from nbformat.v4 import new_code_cell
-    shown = {n for c in nb.cells if c.cell_type == "code" for n in _shown_docs(split_directives(c.source)[1])}
-    cells = []
-    helper = new_code_cell((TOOLS / "docs_helper.py").read_text())
-    helper.metadata["docs"] = {"role": "helper"}
-    cells.append(helper)
-    for i, c in enumerate(nb.cells):
-        if c.cell_type != "code":
-            cells.append(c)
-            continue
-        d, body = split_directives(c.source)
-        c.metadata["docs"] = {"role": "code", "directives": d, "index": i, "body": body}
-        names = _shown_docs(body)
-        if names and body.strip() and all(l.strip().startswith("show_doc(") for l in body.splitlines() if l.strip()):
-            c.source = "\n".join(f"_mulan_docs_api({n}, {n!r})" for n in names)  # explicit show_doc: same rendering
-            c.metadata["docs"]["role"] = "api"
-            cells.append(c)
-            continue
-        cells.append(c)
-        wants_doc = (d.keys() & {"export", "exports", "exec_doc"}) and "hide" not in d and not _false(d.get("include", True))
-        if wants_doc:
-            for n in _def_names(body):
-                if n in shown: continue
-                api = new_code_cell(f"_mulan_docs_api({n}, {n!r}, {body!r})")
-                api.metadata["docs"] = {"role": "api", "index": i, "name": n}
-                cells.append(api)
-    nb.cells = cells
+def process(path: Path, execute_proc=None):
+    "One notebook through nbdev's `NBProcessor`; cells keep their index in the notebook as `nb_index_`."
+    nb = read_nb(path)
+    for i, c in enumerate(nb.cells): c.nb_index_ = i
+    procs = docs_procs(execute_proc(nb) if execute_proc else None)
+    with working_directory(ROOT): NBProcessor(nb=nb, procs=procs).process()  # nbdev's config: settings.ini
     return nb
 
 
-def should_run(cell, run_all: bool, tst_flags: set[str]) -> bool:
-    meta = cell.metadata.get("docs", {})
-    if meta.get("role") in ("helper", "api"): return True
-    d, body = meta.get("directives", {}), meta.get("body", cell.source)
-    if not body.strip() or "nbdev_export()" in body or "notebook2script()" in body: return False
-    if _false(d.get("eval", True)) or (d.keys() & tst_flags): return False
-    if run_all: return True
-    return bool(d.keys() & (_EXPORTS | {"exec_doc"})) or _only_imports(body)
-
-
-def execute(nb, path: Path, run_all: bool, timeout: int, tst_flags: set[str]) -> None:
-    "Run the chosen cells in one python3 kernel started in nbs/; stop at the first error, naming the cell."
-    from nbclient import NotebookClient
-    from nbclient.exceptions import CellExecutionError, CellTimeoutError, DeadKernelError
-    os.environ["OMP_NUM_THREADS"] = os.environ.get("DOCS_OMP_NUM_THREADS", "1")  # inherited by the kernel
-    os.environ.setdefault("MPLBACKEND", "module://matplotlib_inline.backend_inline")
-    client = NotebookClient(nb, timeout=timeout, kernel_name="python3", allow_errors=False,
-                            resources={"metadata": {"path": str(path.parent)}})
-    log = tempfile.TemporaryFile("w+")  # the kernel's own stderr, shown only if something fails
-    with log, client.setup_kernel(stderr=log):
-        for i, cell in enumerate(nb.cells):
-            if cell.cell_type != "code" or not should_run(cell, run_all, tst_flags): continue
-            try:
-                client.execute_cell(cell, i)
-            except (CellExecutionError, CellTimeoutError, DeadKernelError) as e:
-                meta = cell.metadata.get("docs", {})
-                where = (f"cell {meta['index']} (0-based; id {cell.get('id')})" if "index" in meta
-                         else "the API helper cell (tools/docs_helper.py)")
-                if meta.get("role") == "api": where = f"the API cell for {meta.get('name', cell.source)!r} after {where}"
-                log.seek(0)
-                kernel_log = log.read().strip()
-                raise BuildError(f"{path.name}: {where} failed:\n--- source ---\n{cell.source}\n--- error ---\n{e}"
-                                 + (f"\n--- kernel stderr ---\n{kernel_log}" if kernel_log else "")) from None
-    nb.metadata.setdefault("language_info", {"name": "python", "pygments_lexer": "ipython3"})
-
-
-# ---------------------------------------------------------------- rendering
-
-def _md2html(text: str) -> str:
-    from nbconvert.filters.markdown_mistune import markdown2html_mistune
-    return markdown2html_mistune(text)
-
-
-def _inline(text: str) -> str:
-    out = _md2html(text).strip()
-    m = re.fullmatch(r"<p>(.*)</p>", out, re.S)
-    return m.group(1) if m else out
-
-
-_re_code_span = re.compile(r"(?<!\[)`([A-Za-z_][\w.]*)(\(\))?`(?!\]\()")
-
-
-def add_links(md: str, links: dict, here: str) -> str:
-    "`` `name` `` -> a link to its API entry (nbdev's `add_links`), outside fenced code."
-    out, fence = [], None
-    for line in md.split("\n"):
-        s = line.lstrip()
-        if fence:
-            if s.startswith(fence): fence = None
-        elif s.startswith(("```", "~~~")): fence = s[:3]
-        else:
-            def sub(m):
-                href = links.get(m.group(1))
-                if not href: return m.group(0)
-                if href.startswith(here + "#"): href = href[len(here):]
-                return f"[{m.group(0)}]({href})"
-            line = _re_code_span.sub(sub, line)
-        out.append(line)
-    return "\n".join(out)
-
+# ---------------------------------------------------------------- what Quarto would do with the processed notebook
 
 _re_md_img = re.compile(r"(!\[[^\]]*\]\()([^)\s]+)((?:\s+\"[^\"]*\")?\))")
 _re_html_img = re.compile(r"(<img\b[^>]*?\bsrc=[\"'])([^\"']+)([\"'])")
+_re_md_link = re.compile(r"(?<!!)(\[[^\]]*\]\()([^)\s#]+)(#[^)\s]*)?(\))")
 
 
 def rewrite_images(md: str, base: Path, target: Path, copy_to: Path | None = None) -> str:
@@ -258,88 +212,50 @@ def rewrite_images(md: str, base: Path, target: Path, copy_to: Path | None = Non
     return _re_html_img.sub(fix, _re_md_img.sub(fix, md))
 
 
-def _sig_text(prefix: str, name: str, d: dict, width: int = 90) -> str:
-    if not d.get("signature"): return prefix + name
-    one = prefix + name + d["signature"]
-    parts = d.get("parts") or {}
-    if len(one) <= width or not parts.get("params"): return one
-    ret = f" -> {parts['returns']}" if parts.get("returns") else ""
-    return prefix + name + "(\n" + "".join(f"    {p},\n" for p in parts["params"]) + ")" + ret
+def site_markdown(md: str, base: Path, site: Path) -> str:
+    "Pictures copied into the site; links to notebooks made links to their pages, to other files relative to the site."
+    def fix(m):
+        p = m.group(2)
+        if re.match(r"^[a-z][a-z0-9+.-]*:|^/", p, re.I) or not (base / p).exists(): return m.group(0)
+        new = page_name(p) if p.endswith(".ipynb") else Path(os.path.relpath((base / p).resolve(), site)).as_posix()
+        return m.group(1) + new + (m.group(3) or "") + m.group(4)
+    return _re_md_link.sub(fix, rewrite_images(md, base, site, copy_to=site))
 
 
-def render_api(d: dict, links: dict, here: str) -> str:
-    """HTML of one API entry: `<div class="api" id="name">` with signature, docstring, parameters, methods."""
-    e = html.escape
-    name, kind = d["name"], d["kind"]
-    anchor = name.lower()
-    prefix = "class " if kind == "class" else "async def " if kind.startswith("async") else "def "
-    md = lambda s: _md2html(add_links(s, links, here)) if s else ""
-    out = [f'<div class="api" id="{e(anchor)}" data-name="{e(name)}" data-kind="{e(kind)}">',
-           f'<h3 class="api-name"><code>{e(name)}</code><span class="api-kind">{e(kind)}</span>'
-           f'<a class="api-anchor" href="#{e(anchor)}" title="link to this entry">&para;</a></h3>',
-           f'<pre class="api-sig"><code>{e(_sig_text(prefix, name, d))}</code></pre>']
-    if d.get("doc"): out.append(f'<div class="api-doc">{md(d["doc"])}</div>')
-    params, ret = d.get("params") or [], d.get("returns") or {}
-    if any(p.get("anno") or p.get("default") is not None or p.get("doc") for p in params) or ret.get("doc"):
-        rows = ['<table class="api-params"><thead><tr><th></th><th>Type</th><th>Default</th><th>Details</th></tr></thead><tbody>']
-        for p in params:
-            rows.append(f'<tr><td><code>{e(p["name"])}</code></td><td>{e(p.get("anno") or "")}</td>'
-                        f'<td>{"<code>" + e(p["default"]) + "</code>" if p.get("default") is not None else ""}</td>'
-                        f'<td>{_inline(add_links(p["doc"], links, here)) if p.get("doc") else ""}</td></tr>')
-        if ret.get("anno") or ret.get("doc"):
-            rows.append(f'<tr class="api-returns"><td><strong>Returns</strong></td><td>{e(ret.get("anno") or "")}</td><td></td>'
-                        f'<td>{_inline(add_links(ret["doc"], links, here)) if ret.get("doc") else ""}</td></tr>')
-        rows.append("</tbody></table>")
-        out.append("".join(rows))
-    if d.get("methods"):
-        out.append('<div class="api-methods">')
-        for m in d["methods"]:
-            mid = f"{anchor}.{m['name'].lower()}"
-            if m["kind"] == "property": sig = f"property {name}.{m['name']}"
-            else:
-                pre = {"staticmethod": "@staticmethod\ndef ", "classmethod": "@classmethod\ndef "}.get(m["kind"], "def ")
-                sig = pre + f"{name}.{m['name']}" + (m.get("signature") or "()")
-            out.append(f'<div class="api-method" id="{e(mid)}" data-name="{e(name)}.{e(m["name"])}">'
-                       f'<pre class="api-sig"><code>{e(sig)}</code></pre>'
-                       + (f'<div class="api-doc">{md(m["doc"])}</div>' if m.get("doc") else "") + "</div>")
-        out.append("</div>")
-    out.append("</div>")
-    return "\n".join(out)
-
-
-def api_entries(nb) -> list[dict]:
-    return [o["data"][API_MIME] for c in nb.cells if c.cell_type == "code"
-            for o in c.get("outputs", []) if o.get("output_type") in ("display_data", "execute_result") and API_MIME in o.get("data", {})]
-
-
-def finalize(nb, links: dict, here: str, site: Path, base: Path = NBS):
-    "Apply the directives, render the API cells, fold exported source: the notebook HTMLExporter sees."
-    from nbformat.v4 import new_output
+def quarto(nb, fix_md):
+    """Apply the Quarto cell options nbdev left in the cells, take the front matter cell out (its title and
+    description go to the page's title block) and fix the markdown's pictures and links (`fix_md`);
+    returns the notebook as nbformat's."""
+    import nbformat
     cells = []
     for c in nb.cells:
-        if c.cell_type == "markdown":
-            c.source = add_links(rewrite_images(c.source, base, site, copy_to=site), links, here)
-            cells.append(c)
-            continue
-        if c.cell_type != "code": cells.append(c); continue
-        meta = c.metadata.pop("docs", {})
-        role, d = meta.get("role"), meta.get("directives", {})
-        if role == "helper": continue
-        if role == "api":
-            entries = [o["data"][API_MIME] for o in c.outputs if API_MIME in o.get("data", {})]
-            c.outputs = [new_output("display_data", data={"text/html": render_api(x, links, here)}) for x in entries]
-            c.metadata["transient"] = {"remove_source": True}
-            cells.append(c)
-            continue
-        if "hide" in d or _false(d.get("include", True)) or "default_exp" in d: continue
-        c.source = meta.get("body", c.source).strip("\n")
-        if _false(d.get("echo", True)): c.metadata["transient"] = {"remove_source": True}
-        if _false(d.get("output", True)): c.outputs = []
-        if d.keys() & {"export", "exporti"} or "code-fold" in d: c.metadata["docs"] = {"fold": True}
-        if not c.source.strip() and not c.outputs: continue
+        c.pop("has_sd", None)
+        if c.cell_type == "raw" and c.idx_ == 0 and nb.frontmatter_: continue  # FrontmatterProc's cell
+        if c.cell_type == "markdown": c.source = fix_md(c.source)
+        if c.cell_type == "code":
+            opts, c.source = quarto_options(c)
+            c.source = c.source.strip("\n")
+            if opts.get("include") is False: continue
+            if opts.get("echo") is False: c.metadata["transient"] = {"remove_source": True}
+            if opts.get("output") is False: c.outputs = []
+            if opts.get("code-fold"):
+                c.metadata["docs"] = {"fold": True, "open": opts["code-fold"] == "show", "summary": opts.get("code-summary", "Code")}
+            if not c.source.strip() and not c.outputs: continue
         cells.append(c)
     nb.cells = cells
-    return nb
+    out = nbformat.reads(json.dumps(nb2dict(nb)), as_version=4)
+    out.metadata.setdefault("language_info", {"name": "python", "pygments_lexer": "ipython3"})
+    return out
+
+
+def _pandoc_id(s: str) -> str: return re.sub(r"[^\w.\-]", "", s.lower())
+
+
+def pandoc_html(body: str, doc_base: str) -> str:
+    "Heading ids as pandoc makes them (lower case: the anchors of nbdev's links), and nbdev's doc links relative."
+    body = re.sub(r'(<h[1-6][^>]*\bid=")([^"]+)(")', lambda m: m.group(1) + _pandoc_id(m.group(2)) + m.group(3), body)
+    body = re.sub(r'(<a class="anchor-link" href="#)([^"]+)(")', lambda m: m.group(1) + _pandoc_id(m.group(2)) + m.group(3), body)
+    return body.replace(f'href="{doc_base}', 'href="')
 
 
 def mathjax_dir() -> Path:
@@ -352,111 +268,107 @@ def mathjax_dir() -> Path:
 
 
 def copy_assets(site: Path) -> None:
-    src = mathjax_dir()
     dst = site / "mathjax"
     if dst.exists(): shutil.rmtree(dst)
     def ignore(d, names):  # English only: other localizations are loaded only on request
         return [n for n in names if Path(d).name == "localization" and n != "en"]
-    shutil.copytree(src, dst, ignore=ignore)
+    shutil.copytree(mathjax_dir(), dst, ignore=ignore)
     shutil.copy2(TOOLS / "docs_template" / "docs.css", site / "docs.css")
     (site / ".nojekyll").touch()
 
 
 # ---------------------------------------------------------------- the site and the README
 
-def build(out: Path, execute_all: bool = True, timeout: int = 600, only: list[str] | None = None, nbs: Path = NBS) -> dict:
-    import nbformat
+def page(p: Path, out: Path, nbs: Path, execute_all: bool, timeout: int, skip_flags: set, skip: bool = False) -> dict:
+    """One notebook, processed and executed (in a worker process, as nbdev processes notebooks in parallel):
+    what its page and the sidebar need, and the notebook nbconvert gets (None when `skip`: the sidebar only)."""
+    t = time.time()
+    fix = lambda md: site_markdown(md, nbs, out)
+    if skip: nb = NBProcessor(p, procs=[FrontmatterProc], process=True).nb
+    else:
+        with ExitStack() as stack:  # the kernel, shut down when the notebook is done or has failed
+            nb = process(p, lambda nb: execute(nb, stack, execute_all, timeout, skip_flags))
+    fm = nb.frontmatter_
+    names = [] if skip else [x.metadata.get("docs", {}).get("api") for x in nb.cells if x.cell_type == "markdown"]
+    return {"notebook": p.name, "href": fm.get("output-file", page_name(p)), "title": fm.get("title", p.stem),
+            "description": fix(fm.get("description", "")), "api": [{"name": n, "anchor": _pandoc_id(n)} for n in names if n],
+            "nb": None if skip else quarto(nb, fix), "seconds": time.time() - t}
+
+
+def build(out: Path, execute_all: bool = True, timeout: int = 600, only: list[str] | None = None, nbs: Path = NBS,
+          workers: int = os.cpu_count() or 1) -> dict:
+    from concurrent.futures import ProcessPoolExecutor
+    from multiprocessing import get_context
     from nbconvert import HTMLExporter
-    cfg = settings()
-    tst_flags = set(cfg.get("tst_flags", "").split())
+    c = cfg()
+    skip_flags = set(c.get("tst_flags", "").split())
+    doc_base = c.doc_host.rstrip("/") + "/" + c.doc_baseurl.strip("/") + "/"
     paths = notebooks(nbs)
     out.mkdir(parents=True, exist_ok=True)
     copy_assets(out)
-    t0 = time.time()
-    books, timings = [], {}
-    for k, p in enumerate(paths, 1):
-        nb = nbformat.read(p, as_version=4)
-        page = {"notebook": p.name, "href": page_name(p), "title": title_of(nb) or p.stem, "nb": nb}
-        books.append(page)
-        if only and p.stem not in only and p.name not in only: page["skip"] = True; continue
-        t = time.time()
-        prepare(nb)
-        execute(nb, p, execute_all, timeout, tst_flags)
-        timings[p.name] = time.time() - t
-        print(f"[{k:2d}/{len(paths)}] {p.name}: {'executed' if execute_all else 'API cells run'} in {timings[p.name]:.1f} s", flush=True)
-    links = {}  # name (and Class.method) -> page#anchor, for the sidebar and the links in the prose
-    for b in books:
-        entries = [] if b.get("skip") else api_entries(b["nb"])
-        b["api"] = [{"name": a["name"], "anchor": a["name"].lower()} for a in entries]
-        for a in entries:
-            links.setdefault(a["name"], f"{b['href']}#{a['name'].lower()}")
-            for m in a.get("methods") or []:
-                links.setdefault(f"{a['name']}.{m['name']}", f"{b['href']}#{a['name'].lower()}.{m['name'].lower()}")
+    t0, pages = time.time(), []
+    with ProcessPoolExecutor(max(1, workers), mp_context=get_context("spawn")) as pool:
+        jobs = [pool.submit(page, p, out, nbs, execute_all, timeout, skip_flags, bool(only) and not {p.stem, p.name} & set(only))
+                for p in paths]
+        try:
+            for k, job in enumerate(jobs, 1):
+                pages.append(job.result())
+                if pages[-1]["nb"] is not None:
+                    print(f"[{k:2d}/{len(paths)}] {paths[k - 1].name}: {'executed' if execute_all else 'show_doc cells run'} "
+                          f"in {pages[-1]['seconds']:.1f} s", flush=True)
+        except BaseException:
+            pool.shutdown(cancel_futures=True)
+            raise
     exporter = HTMLExporter(template_name="docs_template", extra_template_basedirs=[str(TOOLS)],
                             exclude_input_prompt=True, exclude_output_prompt=True)
-    for i, b in enumerate(books):
-        if b.get("skip"): continue
-        nb = finalize(b["nb"], links, b["href"], out, base=nbs)
+    for i, b in enumerate(pages):
+        if b["nb"] is None: continue
+        nb = b["nb"]
         nb.metadata["title"] = b["title"]
-        pages = [{"notebook": x["notebook"], "href": x["href"], "title": x["title"], "current": x is b, "api": x["api"]} for x in books]
-        resources = {"docs": {"pages": pages, "notebook": b["notebook"], "mathjax_url": "mathjax/MathJax.js?config=TeX-AMS-MML_HTMLorMML-full",
-                              "css_url": "docs.css", "site_title": cfg.get("title", "docs"), "version": cfg.get("version", ""),
-                              "executed": execute_all,
-                              "prev": books[i - 1] if i > 0 else None, "next": books[i + 1] if i + 1 < len(books) else None},
+        side = [{**{k: x[k] for k in ("notebook", "href", "title", "api")}, "current": x is b} for x in pages]
+        resources = {"docs": {"pages": side, "notebook": b["notebook"], "title": b["title"], "description": b["description"],
+                              "mathjax_url": "mathjax/MathJax.js?config=TeX-AMS-MML_HTMLorMML-full", "css_url": "docs.css",
+                              "site_title": c.get("title", "docs"), "version": c.get("version", ""), "executed": execute_all,
+                              "prev": pages[i - 1] if i > 0 else None, "next": pages[i + 1] if i + 1 < len(pages) else None},
                      "metadata": {"name": b["title"]}}
         body, _ = exporter.from_notebook_node(nb, resources=resources)
-        (out / b["href"]).write_text(body, encoding="utf-8")
-    (out / "api.json").write_text(json.dumps(links, indent=1, sort_keys=True) + "\n")
+        (out / b["href"]).write_text(pandoc_html(body, doc_base), encoding="utf-8")
     total = time.time() - t0
-    print(f"docs: {len([b for b in books if not b.get('skip')])} pages, {sum(len(b['api']) for b in books)} API entries, "
+    print(f"docs: {sum(b['nb'] is not None for b in pages)} pages, {sum(len(b['api']) for b in pages)} API entries, "
           f"{'executed' if execute_all else 'not executed'}, in {total:.0f} s -> {out / 'index.html'}", flush=True)
-    return {"pages": [b["href"] for b in books], "api": links, "seconds": total, "timings": timings}
+    return {"pages": [b["href"] for b in pages], "seconds": total}
 
 
 def readme_text(index: Path = NBS / "index.ipynb") -> str:
-    """README.md's text from index.ipynb with nbconvert's MarkdownExporter: not executed, hidden cells left out,
-    image paths made relative to the repository root."""
-    import nbformat
+    """README.md's text from index.ipynb: nbdev's processors (nothing executed; no doc links, which would point
+    to `doc_host`), the title block from the front matter, then nbconvert's MarkdownExporter."""
     from nbconvert import MarkdownExporter
-    nb = nbformat.read(index, as_version=4)
-    cells = []
-    for c in nb.cells:
-        if c.cell_type == "code":
-            d, body = split_directives(c.source)
-            if "hide" in d or _false(d.get("include", True)) or "default_exp" in d: continue
-            c.source = body
-            if _false(d.get("output", True)): c.outputs = []
-            if _false(d.get("echo", True)): c.metadata["transient"] = {"remove_source": True}
-        elif c.cell_type == "markdown":
-            c.source = rewrite_images(c.source, index.parent, ROOT)
-        cells.append(c)
-    nb.cells = cells
-    body, _ = MarkdownExporter().from_notebook_node(nb)
-    return README_WARNING + "\n\n" + re.sub(r"\n{3,}", "\n\n", body).strip() + "\n"
-
-
-def build_readme(dest: Path = ROOT / "README.md") -> str:
-    text = readme_text()
-    dest.write_text(text, encoding="utf-8")
-    return text
+    from nbdev.processors import add_links
+    nb = read_nb(index)
+    with working_directory(ROOT): NBProcessor(nb=nb, procs=[p for p in docs_procs() if p is not add_links]).process()
+    fm = nb.frontmatter_
+    body, _ = MarkdownExporter().from_notebook_node(quarto(nb, lambda md: rewrite_images(md, index.parent, ROOT)))
+    title = f"# {fm['title']}\n\n" + (f"> {fm['description']}\n\n" if fm.get("description") else "")
+    return README_WARNING + "\n\n" + title + re.sub(r"\n{3,}", "\n\n", body).strip() + "\n"
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=None, help="output folder (default: doc_path of settings.ini, _docs)")
-    ap.add_argument("--no-execute", action="store_true", help="run only the exported cells, imports and API cells")
+    ap.add_argument("--no-execute", action="store_true", help="run only the cells nbdev runs for show_doc (exports, imports)")
     ap.add_argument("--timeout", type=int, default=600, help="seconds allowed per cell (default 600)")
     ap.add_argument("--only", nargs="*", help="build only these notebooks (stems or file names); the sidebar still lists all")
     ap.add_argument("--nbs", type=Path, default=NBS, help="the notebooks' folder (default nbs/)")
+    ap.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="notebooks processed at once (default: the CPUs)")
     ap.add_argument("--readme", action="store_true", help="write README.md from nbs/index.ipynb instead of the site")
     a = ap.parse_args(argv)
     try:
         if a.readme:
-            build_readme()
+            (ROOT / "README.md").write_text(readme_text(), encoding="utf-8")
             print(f"wrote {ROOT / 'README.md'} from {NBS / 'index.ipynb'}")
             return 0
-        out = a.out if a.out is not None else ROOT / settings().get("doc_path", "_docs")
-        build(out.resolve(), execute_all=not a.no_execute, timeout=a.timeout, only=a.only, nbs=a.nbs.resolve())
+        out = a.out if a.out is not None else ROOT / cfg().get("doc_path", "_docs")
+        build(out.resolve(), execute_all=not a.no_execute, timeout=a.timeout, only=a.only, nbs=a.nbs.resolve(), workers=a.workers)
     except BuildError as e:
         print(f"build_docs: error: {e}", file=sys.stderr)
         return 1
