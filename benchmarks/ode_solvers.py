@@ -1,18 +1,26 @@
 """Time-to-accuracy of the probability-flow ODE solvers for one checkpoint, side by side (issue 18).
 
-On the same N test images in one batch, with one draw of the latent c ~ q(c|x), one truncated-normal
-dequantization sample and one Rademacher probe (Hutchinson divergence) shared by every solve, the
-script runs `pf_ode_logp` under each solver option (dopri5 with the 'separate' and the 'joint' error
-norm, in the variable 't' and 'gamma', and bosh3), scipy's `solve_ivp` RK45 on the flattened float64
-state (z and the divergence integral together, as the official MuLAN code and score_sde do it), and
-a tight-tolerance reference (dopri5 at --reference-tol). It prints one Markdown table: NFE, wall
-time, ms per NFE, the error of log p(z_0) against the reference (mean and max over the images, in
-nats per dimension) and each wall time divided by scipy RK45's.
+For each seed, on the same N test images in one batch, with one draw of the latent c ~ q(c|x), one
+truncated-normal dequantization sample and one Rademacher probe (Hutchinson divergence) shared by
+every solve, the script runs `pf_ode_logp` at its defaults and, at the peers' tolerance --rtol, under the other solver
+options (dopri5 in 't' and 'gamma', with the 'separate' and the 'joint' error norm; bosh3), scipy's
+`solve_ivp` RK45 on the flattened float64 state (z and the divergence integral together, as the
+official MuLAN code and score_sde do it; its field is `torch.func.vjp` of the whole velocity, as the
+official code's `jax.vjp`) and the same scipy solver with our field evaluation
+(`velocity_and_divergence`), and a tight-tolerance reference (dopri5 at --reference-tol). The rows run
+interleaved, --repeats times, so that a loaded machine slows all alike; each row's time is the
+fastest repeat, as wall time and as CPU time of this process (steadier when other jobs share the
+cores), summed over the seeds. It prints one Markdown table: NFE per solve, times, ms per NFE, the
+error of log p(z_0) against the reference (mean and max over all images of all seeds, nats per
+dimension) and each time divided by scipy RK45's; with --sweep, also the NFE and error of each option
+at several tolerances (the error-against-NFE curves). --out writes all of it, per-image errors and
+the machine's load included, to a JSON file that nbs/10_likelihood.ipynb reads.
 
-    python benchmarks/ode_solvers.py --checkpoint runs/digits-mulan/checkpoint.pt --images 8 --threads 2
-    python benchmarks/ode_solvers.py --checkpoint CKPT --rtol 1e-4 --reference-tol 1e-8 --no-bosh3
+    python benchmarks/ode_solvers.py --checkpoint runs/digits-mulan/checkpoint.pt --images 8 --threads 1 --repeats 3
+    python benchmarks/ode_solvers.py --checkpoint CKPT --seeds 0 1 --threads 1 --repeats 2 --sweep 3e-5 1e-4 3e-4 --out benchmarks/results/ode_solvers-digits.json
 """
-import argparse, math, time
+import argparse, inspect, json, math, os, time
+from pathlib import Path
 import numpy as np
 import torch
 from torch.func import vjp
@@ -21,9 +29,17 @@ from mulan_nb.model import model_from_checkpoint
 from mulan_nb.data import load_data
 from mulan_nb.likelihood import model_ode_fns, evaluating
 from mulan_nb.dequantization import dequantize
-from mulan_nb.pf_ode import pf_ode_logp, pf_velocity, divergence_probes
+from mulan_nb.pf_ode import pf_ode_logp, pf_velocity, velocity_and_divergence, divergence_probes
 
 F64 = torch.float64
+DEFAULTS = {k: v.default for k, v in inspect.signature(pf_ode_logp).parameters.items() if k in ('method', 'variable', 'error_norm', 'rtol')}
+# the options compared: name -> pf_ode_logp keywords ('scipy' rows are scipy's RK45)
+OPTIONS = {'dopri5, separate norm, t': dict(method='dopri5', error_norm='separate', variable='t'),
+           'dopri5, joint norm, t': dict(method='dopri5', error_norm='joint', variable='t'),
+           'dopri5, separate norm, γ': dict(method='dopri5', error_norm='separate', variable='gamma'),
+           'bosh3, separate norm, t': dict(method='bosh3', error_norm='separate', variable='t'),
+           'scipy RK45 (official field)': 'scipy-vjp'}
+DEFAULT_NAME = f"{DEFAULTS['method']}, {DEFAULTS['error_norm']} norm, {'γ' if DEFAULTS['variable'] == 'gamma' else 't'}"
 
 
 def log_prior(z1):
@@ -31,94 +47,148 @@ def log_prior(z1):
     return -0.5 * (z1**2).flatten(1).sum(1) - 0.5 * z1[0].numel() * math.log(2 * math.pi)
 
 
-def scipy_rk45(z0, eps_fn, gamma_fn, probe, rtol, atol):
-    "log p(z_0) by scipy's RK45 on the flattened float64 state [z, ∫div]: velocity by `pf_velocity`, divergence `uᵀJu` by one vjp with the probe u."
-    shape, B = z0.shape, z0.shape[0]
-    nz, nfe = z0.numel(), 0
+def official_field(eps_fn, gamma_fn, probe):
+    "(t, z) -> (v, uᵀJu) as the official code evaluates it: a vjp of the whole velocity (`torch.func.vjp` here, `jax.vjp` there) with the probe u."
+    def field(t, z):
+        gamma, dgamma = (g.to(F64) for g in gamma_fn(t))
+        v, pullback = vjp(lambda z: pf_velocity(eps_fn(z, t), z, gamma, dgamma), z)
+        (uJ,) = pullback(probe)
+        return v, (uJ * probe).flatten(1).sum(1)
+    return field
+
+
+def our_field(eps_fn, gamma_fn, probe):
+    "(t, z) -> (v, uᵀJu) by `velocity_and_divergence`, the field `pf_ode_logp` integrates."
+    def field(t, z):
+        gamma, dgamma = (g.to(F64) for g in gamma_fn(t))
+        return velocity_and_divergence(eps_fn, z, t, gamma, dgamma, probe[None], 1.0)
+    return field
+
+
+def scipy_rk45(z0, field, rtol, atol):
+    "log p(z_0) and the NFE by scipy's RK45 on the flattened float64 state [z, ∫div]."
+    shape, B, nz, nfe = z0.shape, z0.shape[0], z0.numel(), 0
     def fun(t, y):
         nonlocal nfe; nfe += 1
-        tt = torch.tensor(t, dtype=F64)
-        z = torch.from_numpy(y[:nz]).view(shape)
-        gamma, dgamma = (g.to(F64) for g in gamma_fn(tt))
-        v, pullback = vjp(lambda z: pf_velocity(eps_fn(z, tt), z, gamma, dgamma), z)
-        (uJ,) = pullback(probe)
-        div = (uJ * probe).flatten(1).sum(1)
+        v, div = field(torch.tensor(t, dtype=F64), torch.from_numpy(y[:nz]).view(shape))
         return np.concatenate([v.reshape(-1).numpy(), div.numpy()])
-    y0 = np.concatenate([z0.reshape(-1).numpy(), np.zeros(B)])
-    sol = solve_ivp(fun, (0.0, 1.0), y0, method='RK45', rtol=rtol, atol=atol)
+    sol = solve_ivp(fun, (0.0, 1.0), np.concatenate([z0.reshape(-1).numpy(), np.zeros(B)]), method='RK45', rtol=rtol, atol=atol)
     if sol.status != 0: raise FloatingPointError(f"scipy RK45 failed after {nfe} evaluations: {sol.message}")
     y1 = torch.from_numpy(sol.y[:, -1].copy())
-    z1, delta = y1[:nz].view(shape), y1[nz:]
-    return log_prior(z1) + delta, nfe
+    return log_prior(y1[:nz].view(shape)) + y1[nz:], nfe
+
+
+def problem(model, x, seed):
+    "eps_fn, gamma_fn, z_0 and the probe of one seed: c ~ q(c|x), truncated-normal dequantization, one Rademacher probe."
+    gen = torch.Generator().manual_seed(seed)
+    c, _ = model.encode(x, gen)
+    eps_fn, gamma_fn = model_ode_fns(model, c, len(x))
+    z0, _ = dequantize(x, model.config.K, gamma_fn(torch.zeros((), dtype=F64))[0], 'truncnormal', 1, gen, F64)
+    probes = divergence_probes(z0[0].shape, 'hutchinson', 1, F64, gen)
+    return eps_fn, gamma_fn, z0[0], probes
+
+
+def solver(option, tol, eps_fn, gamma_fn, z0, probes):
+    "A callable () -> (log p(z_0), NFE) for one option at rtol = atol = tol."
+    if option == 'scipy-vjp': return lambda: scipy_rk45(z0, official_field(eps_fn, gamma_fn, probes[0][0]), tol, tol)
+    if option == 'scipy-ours': return lambda: scipy_rk45(z0, our_field(eps_fn, gamma_fn, probes[0][0]), tol, tol)
+    def solve():
+        r = pf_ode_logp(z0, eps_fn, gamma_fn, 'hutchinson', rtol=tol, atol=tol, probes=probes, **option)
+        return r.logp, r.nfe
+    return solve
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument('--checkpoint', default='runs/digits-mulan/checkpoint.pt', help='checkpoint.pt written by mulan_train')
-    p.add_argument('--images', type=int, default=8, help='test images, solved in one batch')
+    p.add_argument('--data', default=None, help="test images from this data set (default: the checkpoint's)")
+    p.add_argument('--images', type=int, default=8, help='test images, solved in one batch per seed')
+    p.add_argument('--seeds', type=int, nargs='+', default=[0], help='one problem (c, dequantization, probe) per seed, each on the same images')
     p.add_argument('--threads', type=int, default=0, help='torch threads (0: leave as is)')
-    p.add_argument('--rtol', type=float, default=1e-5, help='rtol = atol of every solver but the reference')
-    p.add_argument('--reference-tol', type=float, default=1e-9, help='rtol = atol of the dopri5 reference')
-    p.add_argument('--seed', type=int, default=0, help='seed of c ~ q(c|x), the dequantization noise and the probe')
+    p.add_argument('--rtol', type=float, default=1e-5, help='rtol = atol of the peers and of the non-default options in the table')
+    p.add_argument('--reference-tol', type=float, default=1e-8, help='rtol = atol of the dopri5 reference')
     p.add_argument('--repeats', type=int, default=1, help='timed solves per row (the fastest is reported); the reference runs once')
-    p.add_argument('--no-bosh3', action='store_true', help='skip the bosh3 row')
+    p.add_argument('--sweep', type=float, nargs='*', default=[], help='tolerances at which every option is also solved once (NFE and error)')
+    p.add_argument('--options', nargs='+', default=None, choices=[n for n, kw in OPTIONS.items() if kw != 'scipy-vjp'], metavar='OPTION',
+                   help=f'the table rows besides the default and the two scipy peers (default: all of {[n for n, kw in OPTIONS.items() if kw != "scipy-vjp"]})')
+    p.add_argument('--sweep-options', nargs='+', default=None, choices=list(OPTIONS), metavar='OPTION', help='the options of the sweep (default: all)')
     p.add_argument('--raw', action='store_true', help='the raw weights instead of the EMA ones')
+    p.add_argument('--out', default=None, help='JSON file for the results')
     a = p.parse_args(argv)
     if a.threads: torch.set_num_threads(a.threads)
     if a.images < 1 or a.repeats < 1: p.error('--images and --repeats must be >= 1')
+    load_before = os.getloadavg()
 
     model, state = model_from_checkpoint(a.checkpoint, ema=not a.raw)
     run = state['train']
-    data = load_data(run['data'], 'test', run['root'], run['K'])
-    x = data.images[:a.images]
+    x = load_data(a.data or run['data'], 'test', run['root'], run['K']).images[:a.images]
     N, D = len(x), model.D
-    gen = torch.Generator().manual_seed(a.seed)
-    probe_seed = a.seed + 1
+    default_tol = DEFAULTS['rtol']
+    rows = [(f'`pf_ode_logp` default ({DEFAULT_NAME}), rtol = atol = {default_tol:g}', {}, default_tol),
+            *[(f'`pf_ode_logp` {name}' + (' (the default before)' if name == 'dopri5, separate norm, t' else ''), kw, a.rtol)
+              for name, kw in OPTIONS.items() if kw != 'scipy-vjp' and (a.options is None or name in a.options)],
+            ('scipy `solve_ivp` RK45, flattened state, our field evaluation', 'scipy-ours', a.rtol),
+            ('scipy `solve_ivp` RK45, flattened state (the official way)', 'scipy-vjp', a.rtol)]
+    results = {name: dict(option=kw, tol=tol, wall=[math.inf] * len(a.seeds), cpu=[math.inf] * len(a.seeds), nfe=[0] * len(a.seeds), err=[None] * len(a.seeds))
+               for name, kw, tol in rows}
+    sweep, refs, swept = [], [], a.sweep_options or list(OPTIONS)
     with evaluating(model):
-        c, _ = model.encode(x, gen)
-        eps_fn, gamma_fn = model_ode_fns(model, c, N)
-        z0, _ = dequantize(x, model.config.K, gamma_fn(torch.zeros((), dtype=F64))[0], 'truncnormal', 1, gen, F64)
-        z0 = z0[0]
-        # the probe pf_ode_logp draws from a generator seeded with probe_seed: the same one for scipy
-        probes, _ = divergence_probes(z0.shape, 'hutchinson', 1, F64, torch.Generator().manual_seed(probe_seed))
-
-        def ours(**kw):
-            def solve(tol):
-                r = pf_ode_logp(z0, eps_fn, gamma_fn, 'hutchinson', 1, rtol=tol, atol=tol, dtype=F64,
-                                generator=torch.Generator().manual_seed(probe_seed), **kw)
-                return r.logp, r.nfe
-            return solve
-        rows = [('`pf_ode_logp` default (dopri5, separate norm, t)', ours()),
-                ("`pf_ode_logp`, `error_norm='joint'`", ours(error_norm='joint')),
-                ("`pf_ode_logp`, `variable='gamma'`", ours(variable='gamma')),
-                ("`pf_ode_logp`, `error_norm='joint'`, `variable='gamma'`", ours(error_norm='joint', variable='gamma'))]
-        if not a.no_bosh3: rows.append(("`pf_ode_logp`, `method='bosh3'`", ours(method='bosh3')))
-        rows.append(('scipy `solve_ivp` RK45, flattened state', lambda tol: scipy_rk45(z0, eps_fn, gamma_fn, probes[0], tol, tol)))
-
-        # warm-up: a few field evaluations of each kind, untimed
-        ours()(1e-1); scipy_rk45(z0, eps_fn, gamma_fn, probes[0], 1e-1, 1e-1)
-
-        results = {name: dict(time=math.inf) for name, _ in rows}
+        problems = [problem(model, x, seed) for seed in a.seeds]
+        for pr in problems:   # warm-up: a few field evaluations of each kind, untimed
+            solver({}, 1e-1, *pr)(); solver('scipy-vjp', 1e-1, *pr)(); solver('scipy-ours', 1e-1, *pr)()
         for _ in range(a.repeats):   # rows interleaved, so that a noisy machine slows all alike
-            for name, solve in rows:
-                t0 = time.perf_counter(); logp, nfe = solve(a.rtol); dt = time.perf_counter() - t0
-                r = results[name]
-                r.update(logp=logp, nfe=nfe, time=min(r['time'], dt))
-        t0 = time.perf_counter(); ref_logp, ref_nfe = ours()(a.reference_tol); ref_time = time.perf_counter() - t0
+            for i, pr in enumerate(problems):
+                for name, kw, tol in rows:
+                    w0, c0 = time.perf_counter(), time.process_time()
+                    logp, nfe = solver(kw, tol, *pr)()
+                    r = results[name]
+                    r['wall'][i], r['cpu'][i] = min(r['wall'][i], time.perf_counter() - w0), min(r['cpu'][i], time.process_time() - c0)
+                    r['nfe'][i], r['logp_' + str(i)] = nfe, logp
+        for i, pr in enumerate(problems):
+            w0, c0 = time.perf_counter(), time.process_time()
+            ref_logp, ref_nfe = solver(OPTIONS['dopri5, separate norm, t'], a.reference_tol, *pr)()
+            refs.append(dict(seed=a.seeds[i], nfe=ref_nfe, wall=time.perf_counter() - w0, cpu=time.process_time() - c0, logp=ref_logp.tolist()))
+            for r in results.values(): r['err'][i] = ((r.pop('logp_' + str(i)) - ref_logp).abs() / D).tolist()
+            for name in swept:
+                for tol in a.sweep:
+                    kw = OPTIONS[name]
+                    c0 = time.process_time()
+                    logp, nfe = solver(kw, tol, *pr)()
+                    sweep.append(dict(option=name, tol=tol, seed=a.seeds[i], nfe=nfe, cpu=time.process_time() - c0, err=((logp - ref_logp).abs() / D).tolist()))
 
-    scipy_time = results[rows[-1][0]]['time']
-    lines = [f"Checkpoint `{a.checkpoint}` (step {state['step']}, {run['preset']}, {run['data']}), {N} test images in one batch, D = {D}; "
-             f"truncated-normal dequantization, Hutchinson divergence with one shared Rademacher probe; rtol = atol = {a.rtol:g}; "
-             f"{torch.get_num_threads()} torch threads; reference: dopri5 at rtol = atol = {a.reference_tol:g} "
-             f"({ref_nfe} NFE, {ref_time:.1f} s); wall time: the fastest of {a.repeats} solve(s).", '',
-             '| solver | NFE | wall time | ms per NFE | error vs reference, mean / max (nats per dim) | time / scipy RK45 |',
-             '|---|---|---|---|---|---|']
-    for name, _ in rows:
+    def stats(errs): e = torch.tensor([v for es in errs for v in es]); return e.mean().item(), e.max().item()
+    peer = results[rows[-1][0]]
+    lines = [f"Checkpoint `{a.checkpoint}` (step {state['step']}, {run['preset']}, {run['data']}), {N} test images in one batch, D = {D}, "
+             f"seeds {a.seeds} (one c, dequantization and probe each); truncated-normal dequantization, Hutchinson divergence with one Rademacher probe "
+             f"shared by all solvers; {torch.get_num_threads()} torch thread(s); load average {load_before[0]:.1f} before, {os.getloadavg()[0]:.1f} after "
+             f"on {os.cpu_count()} cores; reference: dopri5 at rtol = atol = {a.reference_tol:g} ({sum(r['nfe'] for r in refs) / len(refs):.0f} NFE); "
+             f"times: the fastest of {a.repeats} interleaved repeat(s), summed over the seeds.", '',
+             '| solver | rtol = atol | NFE | wall time | CPU time | CPU ms per NFE | error vs reference, mean / max (nats per dim) | wall / scipy | CPU / scipy |',
+             '|---|---|---|---|---|---|---|---|---|']
+    table = []
+    for name, kw, tol in rows:
         r = results[name]
-        err = (r['logp'] - ref_logp).abs() / D
-        lines.append(f"| {name} | {r['nfe']} | {r['time']:.2f} s | {1e3 * r['time'] / r['nfe']:.1f} | "
-                     f"{err.mean().item():.1e} / {err.max().item():.1e} | {r['time'] / scipy_time:.2f} |")
+        mean, mx = stats(r['err'])
+        wall, cpu, nfe = sum(r['wall']), sum(r['cpu']), sum(r['nfe']) / len(r['nfe'])
+        table.append(dict(name=name, option=kw if isinstance(kw, str) else {**DEFAULTS, **kw, 'rtol': tol}, tol=tol, nfe=nfe, wall=wall, cpu=cpu,
+                          err_mean=mean, err_max=mx, wall_ratio=wall / sum(peer['wall']), cpu_ratio=cpu / sum(peer['cpu']), err=r['err']))
+        lines.append(f"| {name} | {tol:g} | {nfe:.0f} | {wall:.2f} s | {cpu:.2f} s | {1e3 * cpu / sum(r['nfe']):.1f} | {mean:.1e} / {mx:.1e} | "
+                     f"{wall / sum(peer['wall']):.2f} | {cpu / sum(peer['cpu']):.2f} |")
+    if sweep:
+        lines += ['', '| option | rtol = atol | NFE (mean per solve) | error mean / max (nats per dim) |', '|---|---|---|---|']
+        for name in swept:
+            for tol in a.sweep:
+                pts = [s for s in sweep if s['option'] == name and s['tol'] == tol]
+                mean, mx = stats([s['err'] for s in pts])
+                lines.append(f"| {name} | {tol:g} | {sum(s['nfe'] for s in pts) / len(pts):.0f} | {mean:.1e} / {mx:.1e} |")
     print('\n'.join(lines))
+    if a.out:
+        Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(a.out).write_text(json.dumps(dict(
+            command='python benchmarks/ode_solvers.py ' + ' '.join(argv if argv is not None else __import__('sys').argv[1:]),
+            checkpoint=str(a.checkpoint), step=state['step'], preset=run['preset'], data=a.data or run['data'], images=N, D=D, seeds=a.seeds,
+            threads=torch.get_num_threads(), cores=os.cpu_count(), load_before=load_before, load_after=os.getloadavg(), repeats=a.repeats,
+            reference=dict(method='dopri5', tol=a.reference_tol, runs=refs), defaults=DEFAULTS, table=table, sweep=sweep, markdown='\n'.join(lines)), indent=1))
 
 
 if __name__ == '__main__':

@@ -184,13 +184,13 @@ def summarise(records, a):
             row['log_n_states'] = rs[0]['accountings']['log_n_states']
         rows[name] = row
     by_seed = lambda acc, seeds: dict(zip(seeds, acc['per_seed']))
-    bases = {} if ref is None or not ref['settings_match'] else {k: by_seed(r, r['seeds']) for k, r in ref['rows'].items() if k == 'vdm-scalar'}
+    bases = {} if ref is None or not ref['settings_match'] else {k: by_seed(r, r['seeds']) for k, r in ref['rows'].items()}   # vdm-scalar and mulan (ε, Gaussian c)
     if 'vdm-v' in rows: bases['vdm-v'] = by_seed(rows['vdm-v']['accountings']['as_trained'], rows['vdm-v']['seeds'])
     gaps = {}
     for name, row in rows.items():
-        if name == 'vdm-v': continue
         for key, acc in row['accountings'].items():
             for base, values in bases.items():
+                if base == name or (name == 'vdm-v' and base != 'vdm-scalar'): continue   # VDM with v against VDM with ε only
                 g = paired(by_seed(acc, row['seeds']), values)
                 if g: gaps[f"{name}, {acc['label']} − {base}"] = dict(g, config=name, accounting=key, base=base)
     if ref is not None and ref['settings_match'] and {'mulan', 'vdm-scalar'} <= set(ref['rows']):

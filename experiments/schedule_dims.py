@@ -35,10 +35,11 @@ def train_config(patch, seed, a, out):
 
 
 def reuse_mismatch(state:dict, cfg) -> list[str]:
-    "Why a finished run's checkpoint `state` is not the run `cfg` would train ([] when it is): training fields (but `out` and `model`), the resolved model config, the step."
+    "Why a finished run's checkpoint `state` is not the run `cfg` would train ([] when it is): training fields (but `out` and `model`), the resolved model config, the step; fields newer than the checkpoint count at their defaults."
     from dataclasses import asdict
     from mulan_nb.model import MuLANConfig
-    new, old = asdict(cfg), state.get('train', {})
+    from mulan_nb.training import TrainConfig
+    new, old = asdict(cfg), {**asdict(TrainConfig()), **state.get('train', {})}   # fields added since it was written: their defaults, as for the model
     diff = [f"{k} {old.get(k)!r} vs {v!r}" for k, v in new.items() if k not in ('out', 'model') and old.get(k) != v]
     old_model, new_model = asdict(MuLANConfig(**state['config'])), asdict(cfg.model_config())   # old configs get the defaults of newer fields
     diff += [f"model.{k} {old_model.get(k)!r} vs {v!r}" for k, v in new_model.items() if old_model.get(k) != v]

@@ -22,6 +22,7 @@ from .likelihood import dense_elbo, ode_bpd, standard_error, json_ready
 from .sampling import sample, SAMPLERS
 from .training import TrainConfig, train, RunInterrupted
 from .score_optimal import OptimiseTimes
+from .official import load_official, official_config, OFFICIAL_KINDS, both_accountings, KL_ACCOUNTINGS
 
 # %% ../nbs/18_cli.ipynb #54f3b8aa
 class OneLineParser(argparse.ArgumentParser):
@@ -184,12 +185,16 @@ def train_main(argv:list[str]|None=None) -> int:
 ODE_OPTIONS = ['dequantization', 'n_samples', 'divergence', 'n_probes', 'variable', 'rtol', 'atol', 'error_norm', 'method']
 ODE_CHOICES = dict(dequantization=DEQUANTIZATIONS, divergence=DIVERGENCES, variable=VARIABLES, error_norm=ERROR_NORMS, method=ADAPTIVE_SOLVERS)
 
-def eval_parser() -> tuple[argparse.ArgumentParser, dict, dict]:
-    "The parser of `mulan_eval`, and the {dest: name} maps of the `dense_elbo` and `ode_bpd` options."
-    p = OneLineParser(prog='mulan_eval', description='Test-set bits per dimension of a mulan_nb checkpoint, by the dense ELBO or the probability-flow ODE.')
-    p.add_argument('checkpoint', help='checkpoint.pt written by mulan_train')
+def eval_parser() -> tuple[argparse.ArgumentParser, dict, dict, dict]:
+    "The parser of `mulan_eval`, and the {dest: name} maps of the `dense_elbo`, `ode_bpd` and `load_official` options."
+    p = OneLineParser(prog='mulan_eval', description='Test-set bits per dimension of a mulan_nb checkpoint, or of an official MuLAN or VDM checkpoint (--official), '
+                      'by the dense ELBO or the probability-flow ODE; a top-k latent is counted both ways: the official softmax surrogate (not a bound) and log C(m, k) (a valid bound).')
+    p.add_argument('checkpoint', nargs='?', default=None, help='checkpoint.pt written by mulan_train (or --official DIR instead)')
+    p.add_argument('--official', default=None, metavar='DIR', help="an official checkpoint folder written by clu.checkpoint (WORKDIR/checkpoints-0, holding ckpt-N.flax) instead of CHECKPOINT; needs --data")
+    official = add_options(p, {**subset(docments(load_official, full=True), ['number', 'kind']), **subset(docments(official_config, full=True), ['latent_k'])},
+                           choices={'kind': tuple(OFFICIAL_KINDS)}, positive=('number', 'latent_k'), prefix='official: ')
     p.add_argument('--method', choices=('elbo', 'ode'), default='elbo', help='dense ELBO (default) or probability-flow ODE')
-    p.add_argument('--data', default=None, help="data set (default: the one the checkpoint was trained on)")
+    p.add_argument('--data', default=None, help="data set (default: the one the checkpoint was trained on; required with --official)")
     p.add_argument('--root', default=None, help="folder of the torchvision data sets (default: the training run's)")
     p.add_argument('--split', choices=('test', 'train'), default='test')
     p.add_argument('--first', type=int, default=0, help='evaluate the first N images of the split only (0: all)')
@@ -197,13 +202,29 @@ def eval_parser() -> tuple[argparse.ArgumentParser, dict, dict]:
     ode = add_options(p, subset(docments(ode_bpd, full=True), ODE_OPTIONS), flags={'method': '--solver'}, choices=ODE_CHOICES,
                       defaults={'divergence': 'hutchinson'}, positive=('n_samples', 'n_probes', 'rtol', 'atol'), prefix='ODE: ')
     p.add_argument('--float32', action='store_true', help='ODE: float32 state instead of float64')
-    p.add_argument('--ode-batch', type=positive_int, default=1, help='ODE: images per solve (the solver takes the steps of the hardest one)')
+    p.add_argument('--ode-batch', type=positive_int, default=8, help='ODE: images per solve (one step size for all, from the RMS error over the batch; on a CPU 8 images cost about a quarter as much per image as 1)')
+    p.add_argument('--check-images', type=int, default=4, help='ODE: the first N images are solved again at rtol/10, atol/10 to estimate the solver error (0: none)')
     p.add_argument('--seed', type=int, default=0)
     p.add_argument('--device', default='cpu')
     p.add_argument('--raw', action='store_true', help='use the raw weights instead of the EMA')
-    p.add_argument('--out', default=None, help='JSON result (default: eval-METHOD-SPLIT.json next to the checkpoint)')
+    p.add_argument('--out', default=None, help='JSON result (default: eval-METHOD-SPLIT.json next to the checkpoint; eval-METHOD-SPLIT-ckpt-N.json in an official folder)')
     p.add_argument('--no-progress', action='store_true')
-    return p, elbo, ode
+    return p, elbo, ode, official
+
+# %% ../nbs/18_cli.ipynb #3d80af4e
+def _eval_source(a, official_dests:dict) -> tuple:
+    "What `mulan_eval` evaluates: (model, entries that describe it in the result, the data set's defaults, the file never to overwrite), from a mulan_nb checkpoint or, with --official, an official one."
+    if (a.checkpoint is None) == (a.official is None):
+        raise ValueError("give either a mulan_nb checkpoint.pt or --official DIR (an official checkpoint folder), not " + ('both' if a.official else 'neither'))
+    if a.official is None:
+        model, state = model_from_checkpoint(a.checkpoint, ema=not a.raw, map_location=a.device)
+        run = state['train']
+        return model, dict(checkpoint=str(a.checkpoint), step=state['step'], preset=run['preset']), run, Path(a.checkpoint)
+    if a.data is None: raise ValueError("--official needs --data: cifar10 (with --root) or an .npz of the images (ImageNet-32: see 'Reproducing the paper')")
+    run = dict(data=a.data, root=a.root, K=256)
+    shape = load_data(a.data, a.split, a.root, 256).data_shape   # the official files fix only C and H·W (VDM's not even that): the images give (C, H, W)
+    model, info = load_official(a.official, data_shape=shape, ema=not a.raw, device=a.device, **{name: getattr(a, dest) for dest, name in official_dests.items()})
+    return model, dict(checkpoint=info['path'], step=info['step'], preset=f"official {info['kind']}", official=info), run, Path(info['path'])
 
 # %% ../nbs/18_cli.ipynb #cda4320e
 def _eval_images(a, model, run) -> torch.Tensor:
@@ -217,46 +238,75 @@ def _eval_images(a, model, run) -> torch.Tensor:
 
 # %% ../nbs/18_cli.ipynb #d6b3a034
 def _eval_ode(a, model, x, ode_kw) -> tuple:
-    "Per-image bpd, NFE, estimator and extra entries of `mulan_eval --method ode`."
+    "Per-image bpd, NFE, estimator and extra entries of `mulan_eval --method ode`, the solver-error estimate on the first `a.check_images` images among them."
+    if a.check_images < 0: raise ValueError(f"--check-images must be >= 0, got {a.check_images}")
     gen = torch.Generator(a.device).manual_seed(a.seed)
     batches = x.split(a.ode_batch)
     if not a.no_progress:
         try: from tqdm.auto import tqdm; batches = tqdm(batches, unit='solve', file=sys.stderr, dynamic_ncols=True)
         except ImportError: pass
-    rs = [ode_bpd(model, xb, **ode_kw, dtype=torch.float32 if a.float32 else torch.float64, generator=gen) for xb in batches]
-    nfe = [n for r in rs for n in r.nfe]
+    rs, start = [], 0
+    for xb in batches:
+        rs.append(ode_bpd(model, xb, **ode_kw, dtype=torch.float32 if a.float32 else torch.float64, generator=gen,
+                          check_images=max(0, min(len(xb), a.check_images - start))))
+        start += len(xb)
+    nfe, checked = [n for r in rs for n in r.nfe], torch.cat([r.checked for r in rs]).abs()
+    solver_error = torch.cat([r.solver_error for r in rs])
     extra = dict(data_bpd=torch.cat([r.data_bpd for r in rs]).mean().item(), latent_bpd=torch.cat([r.latent_bpd for r in rs]).mean().item(),
-                 nfe_mean=sum(nfe) / len(nfe), nfe=nfe)
+                 nfe_mean=sum(nfe) / len(nfe), nfe=nfe,
+                 solver_error_bpd=checked.mean().item() if len(checked) else None, solver_error_max_bpd=checked.max().item() if len(checked) else None,
+                 solver_error_images=len(checked), check_nfe=[n for r in rs for n in r.check_nfe],
+                 solver_error_note=(f"estimated, not bounded: |bpd - bpd solved again at rtol/10, atol/10| (same c, z_0, probes), mean and max over "
+                                    f"the first {len(checked)} image(s)" if len(checked) else 'not estimated (--check-images 0)'),
+                 per_image_solver_error=solver_error.tolist())   # NaN (null in the JSON) for the images not checked
     return torch.cat([r.bpd for r in rs]).float(), nfe, rs[0].note, extra
+
+# %% ../nbs/18_cli.ipynb #b170769f
+def _kl_accountings(model, # the evaluated model
+                    x:torch.Tensor, # the evaluated images
+                    per_image:torch.Tensor, # their bpd
+                    latent:torch.Tensor, # the evaluation's latent term: per image, or its mean
+                   ) -> dict:
+    "`mulan_eval`'s report of both KL accountings: {accounting: mean bpd, standard error, mean latent term, what it is, whether it is the model's own}; empty without a top-k latent."
+    if model.config.latent != 'topk': return {}
+    both = both_accountings(model, x, per_image, latent)
+    return {k: dict(bpd=v['bpd'].mean().item(), se=standard_error(v['bpd']), latent_bpd=v['latent_bpd'].mean().item(), meaning=KL_ACCOUNTINGS[k],
+                    own=k == model.latent.kl_kind) for k, v in both.items()}
 
 # %% ../nbs/18_cli.ipynb #6d8dcb71
 def eval_main(argv:list[str]|None=None) -> int:
     "Console entry point `mulan_eval`."
-    parser, elbo_dests, ode_dests = eval_parser()
+    parser, elbo_dests, ode_dests, official_dests = eval_parser()
     a = parser.parse_args(argv)
     def body():
-        model, state = model_from_checkpoint(a.checkpoint, ema=not a.raw, map_location=a.device)
-        run = state['train']
+        model, source, run, checkpoint = _eval_source(a, official_dests)
         x = _eval_images(a, model, run)
-        out = Path(a.out) if a.out else Path(a.checkpoint).with_name(f'eval-{a.method}-{a.split}.json')
+        suffix = f"-ckpt-{source['official']['number']}" if a.official else ''
+        out = Path(a.out) if a.out else checkpoint.with_name(f'eval-{a.method}-{a.split}{suffix}.json')
         try: out.parent.mkdir(parents=True, exist_ok=True)
         except OSError as e: raise ValueError(f"cannot write the result to {out}: {e.strerror}") from None
-        claim_output(out, is_json_with('per_image_bpd'), Path(a.checkpoint))
+        claim_output(out, is_json_with('per_image_bpd'), checkpoint)
         torch.manual_seed(a.seed)
         t0 = time.perf_counter()
         if a.method == 'elbo':
             res = dense_elbo(model, x, **{name: getattr(a, dest) for dest, name in elbo_dests.items()})
-            per_image, nfe, note = res.bpd, None, f"dense NELBO, continuous time, {a.n_t} stratified draws of (t, ε, c) per image"
+            per_image, nfe, note, latent = res.bpd, None, f"dense NELBO, continuous time, {a.n_t} stratified draws of (t, ε, c) per image", res.terms['latent']
             extra = dict(mc_se=res.mean_sem, **{f'{k}_bpd': v.mean().item() for k, v in res.terms.items()})
-        else: per_image, nfe, note, extra = _eval_ode(a, model, x, {name: getattr(a, dest) for dest, name in ode_dests.items()})
+        else:
+            per_image, nfe, note, extra = _eval_ode(a, model, x, {name: getattr(a, dest) for dest, name in ode_dests.items()})
+            latent = torch.tensor(extra['latent_bpd'])
         seconds, n, se = time.perf_counter() - t0, len(per_image), standard_error(per_image)
-        result = dict(checkpoint=str(a.checkpoint), step=state['step'], preset=run['preset'], weights='raw' if a.raw else 'EMA',
+        result = dict(**source, weights='raw' if a.raw else 'EMA',
                       data=a.data or run['data'], split=a.split, n_images=n, method=a.method, bpd=per_image.mean().item(), se=se,
                       estimator=note, seconds=seconds, seconds_per_image=seconds / n, seed=a.seed, options=vars(a), **extra,
-                      per_image_bpd=per_image.tolist())
+                      kl_accountings=_kl_accountings(model, x, per_image, latent), per_image_bpd=per_image.tolist())
         write_atomic(out, lambda fh: fh.write(json.dumps(json_ready(result), indent=1, allow_nan=False)))
         cost = f"NFE {result['nfe_mean']:.0f} per solve, " if nfe else ''
+        if nfe and result['solver_error_images']:
+            cost += f"solver error ~{result['solver_error_bpd']:.1e} bpd (estimated: mean |bpd - a 10x tighter solve| over {result['solver_error_images']} images), "
         print(f"{a.split} bpd {result['bpd']:.4f} ± {se:.4f} over {n} images ({note}); {cost}{seconds / n:.2f} s per image; {out}")
+        for k, v in result['kl_accountings'].items():
+            print(f"  latent KL counted as {v['meaning']}: {v['bpd']:.4f} ± {v['se']:.4f} bpd (latent term {v['latent_bpd']:.5f} bpd){' (its own accounting)' if v['own'] else ''}")
         return 0
     return one_line_errors('mulan_eval', body)
 

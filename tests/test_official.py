@@ -221,15 +221,7 @@ def test_both_accountings_equal_a_second_evaluation_with_the_bound(work):
         both_accountings(model, x.flip(0), once.bpd, once.terms['latent'])
 
 
-# --- mulan_eval --official (issue 15, point 5): skipped until nbs/18_cli.ipynb has the option ---
-def _eval_has_official():
-    from mulan_nb import cli
-    return any('--official' in action.option_strings for action in cli.eval_parser()[0]._actions)
-
-
-needs_official_eval = pytest.mark.skipif(not _eval_has_official(), reason='mulan_eval has no --official yet (nbs/18_cli.ipynb)')
-
-
+# --- mulan_eval --official (issue 15, point 5) ---
 @pytest.fixture
 def official_run(work, tmp_path):
     "Copies of the two official fixture folders and the MuLAN fixture's four images as an .npz data set."
@@ -251,7 +243,6 @@ def _tiny(run, *more, kind='mulan_velocity', folder='mulan_tiny'):
     return ['--official', str(run / folder / 'checkpoints-0'), '--kind', kind, '--data', str(run / 'tiny.npz'), '--no-progress', *more]
 
 
-@needs_official_eval
 def test_eval_official_elbo_reports_both_accountings(official_run):
     code, out, err = _eval(_tiny(official_run, '--latent-k', '3', '--n-t', '4', '--seed', '5'))
     assert code == 0, err
@@ -267,7 +258,6 @@ def test_eval_official_elbo_reports_both_accountings(official_run):
     assert 'NOT a bound' in out and 'a valid upper bound' in out
 
 
-@needs_official_eval
 def test_eval_official_ode_reports_both_accountings(official_run):
     out_file = official_run / 'ode.json'
     code, _, err = _eval(_tiny(official_run, '--latent-k', '3', '--method', 'ode', '--solver', 'dopri5', '--rtol', '0.1', '--atol', '0.1',
@@ -278,7 +268,6 @@ def test_eval_official_ode_reports_both_accountings(official_run):
     assert acc['softmax']['bpd'] < acc['bound']['bpd']
 
 
-@needs_official_eval
 def test_eval_official_vdm_has_one_accounting(official_run):
     code, _, err = _eval(_tiny(official_run, '--n-t', '2', '--raw', kind='vdm', folder='vdm_tiny'))
     assert code == 0, err
@@ -286,7 +275,6 @@ def test_eval_official_vdm_has_one_accounting(official_run):
     assert res['kl_accountings'] == {} and res['weights'] == 'raw' and res['official']['kind'] == 'vdm'
 
 
-@needs_official_eval
 @pytest.mark.parametrize('case, args, words', [
     ('checkpoint and --official', lambda r: ['ck.pt', *_tiny(r, '--latent-k', '3')], 'not both'),
     ('no --data', lambda r: ['--official', str(r / 'mulan_tiny' / 'checkpoints-0'), '--latent-k', '3'], '--official needs --data'),
