@@ -12,7 +12,7 @@ Test bpd: dense NELBO with 128 stratified draws of (t, ε, c) per test image, EM
 of `train`); the spread reported is the standard error over seeds. Curves: the periodic evaluation of `train`
 (`--eval-n-t` draws per test image), ending with the final one. ODE: `ode_bpd` (truncated-normal dequantization importance-weighted over
 `--ode-samples`, cut at 3σ_0 or at the bin's edges; Hutchinson divergence with one probe, dopri5 at rtol = atol = 1e-5, float64 state) on the first `--ode-images` test images of each seed,
-next to the dense ELBO of the same images.
+next to the dense ELBO of the same images, with the solver error estimated on the first `--ode-check-images` of them (solved again at a 10× tighter tolerance).
 """
 import argparse, json, math, os, statistics, sys, time
 from concurrent.futures import ProcessPoolExecutor
@@ -36,7 +36,8 @@ WHAT = {
 }
 
 
-ODE_FORMAT = 2   # truncated normal cut at min(3 σ_0, half-bin), c drawn from the seeded generator; older ODE files are recomputed
+ODE_FORMAT = 3   # truncated normal cut at min(3 σ_0, half-bin), c drawn from the seeded generator, the solver error estimated; older ODE files are recomputed
+ODE_SOLVER = dict(method='dopri5', rtol=1e-5, atol=1e-5)   # the solver the committed tables were made with (ode_bpd's default before issue 18), kept so that they stay reproducible
 
 
 def run_one(job):
@@ -79,11 +80,13 @@ def run_one(job):
             x = load_data(a['data'], 'test', None, a['levels']).images[:a['ode_images']]
             t1 = time.perf_counter()
             torch.manual_seed(seed)
-            r = ode_bpd(model, x, 'truncnormal', a['ode_samples'], divergence='hutchinson', generator=torch.Generator().manual_seed(seed))
+            r = ode_bpd(model, x, 'truncnormal', a['ode_samples'], divergence='hutchinson', **ODE_SOLVER, check_images=min(a['ode_check_images'], len(x)),
+                        generator=torch.Generator().manual_seed(seed))
             ode_seconds = time.perf_counter() - t1
             torch.manual_seed(seed)
             e = dense_elbo(model, x, n_t=128)
-            ode_path.write_text(json.dumps(dict(format=ODE_FORMAT, ode=r.bpd.tolist(), elbo=e.bpd.tolist(), nfe=r.nfe, seconds=ode_seconds, note=r.note)))
+            ode_path.write_text(json.dumps(dict(format=ODE_FORMAT, ode=r.bpd.tolist(), elbo=e.bpd.tolist(), nfe=r.nfe, seconds=ode_seconds, note=r.note,
+                                              solver_error=r.checked.tolist(), check_nfe=r.check_nfe)))
         record['ode'] = json.loads(ode_path.read_text())
     record['seconds_this_call'] = time.perf_counter() - t0   # training (unless done before) and ODE (unless done before)
     return record
@@ -137,6 +140,9 @@ def summarise(records, a):
             row['ode_minus_elbo'], row['ode_minus_elbo_se'] = mean_se([o - e for o, e in zip(row['ode_per_seed'], row['elbo_same_images_per_seed'])])
             row['ode_nfe_mean'] = sum(n for o in odes for n in o['nfe']) / sum(len(o['nfe']) for o in odes)
             row['ode_seconds_per_image'] = sum(o['seconds'] for o in odes) / sum(len(o['ode']) for o in odes)
+            checked = [abs(e) for o in odes for e in o['solver_error']]   # |bpd − the same images solved at rtol/10, atol/10|
+            row['ode_solver_error'] = sum(checked) / len(checked) if checked else None
+            row['ode_solver_error_max'] = max(checked) if checked else None
         rows[name] = row
     ratio = None
     if 'mulan' in rows and 'vdm-scalar' in rows:
@@ -152,14 +158,15 @@ def summarise(records, a):
 def markdown(summary):
     a = summary['settings']
     lines = [f"Data {a['data']}, {a['steps']} steps, batch {a['batch_size']}, seeds {a['seeds']} ({summary['runs_done']} of {summary['runs_planned']} runs done); test bpd = dense NELBO, 128 draws per test image, EMA weights, mean ± standard error over the seeds done.", '',
-             '| configuration | what | test bpd (ELBO) | per seed | ODE bpd (first %d test images, truncated normal ×%d) | ELBO, same images | ODE − ELBO | NFE | params |' % (a['ode_images'], a['ode_samples']),
-             '|---|---|---|---|---|---|---|---|---|']
+             '| configuration | what | test bpd (ELBO) | per seed | ODE bpd (first %d test images, truncated normal ×%d) | ELBO, same images | ODE − ELBO | ODE solver error, mean / max (est.) | NFE | params |' % (a['ode_images'], a['ode_samples']),
+             '|---|---|---|---|---|---|---|---|---|---|']
     for r in summary['rows']:
         ode = f"{r['ode_bpd']:.3f} ± {r['ode_se']:.3f}" if 'ode_bpd' in r else ''
         same = f"{r['elbo_same_images']:.3f}" if 'ode_bpd' in r else ''
         diff = f"{r['ode_minus_elbo']:+.3f} ± {r['ode_minus_elbo_se']:.3f}" if 'ode_bpd' in r else ''
         nfe = f"{r['ode_nfe_mean']:.0f}" if 'ode_bpd' in r else ''
-        lines.append(f"| {r['config']} | {r['what']} | {r['test_bpd']:.3f} ± {r['se_over_seeds']:.3f} | {', '.join(f'{v:.3f}' for v in r['per_seed'])} | {ode} | {same} | {diff} | {nfe} | {r['parameters'] / 1e6:.2f}M |")
+        err = f"{r['ode_solver_error']:.1e} / {r['ode_solver_error_max']:.1e}" if r.get('ode_solver_error') is not None else ''
+        lines.append(f"| {r['config']} | {r['what']} | {r['test_bpd']:.3f} ± {r['se_over_seeds']:.3f} | {', '.join(f'{v:.3f}' for v in r['per_seed'])} | {ode} | {same} | {diff} | {err} | {nfe} | {r['parameters'] / 1e6:.2f}M |")
     s = summary['steps_ratio']
     if s: lines += ['', f"Steps MuLAN's mean curve needs to reach VDM's final test bpd ({s['vdm_final_bpd']:.3f}, dense ELBO at {s['vdm_steps']} steps, mean over seeds): "
                     + (f"{s['mulan_steps_to_reach']:.0f} (ratio {s['ratio']:.2f})" if s['ratio'] is not None else 'not reached')]
@@ -175,6 +182,7 @@ def main(argv=None):
     p.add_argument('--eval-every', type=int, default=100); p.add_argument('--eval-n-t', type=int, default=8)
     p.add_argument('--ode-images', type=int, default=30, help='test images per seed for the ODE (0: none)')
     p.add_argument('--ode-samples', type=int, default=2, help='truncated-normal dequantization samples per image (importance weighted)')
+    p.add_argument('--ode-check-images', type=int, default=4, help='of those, the first N solved again at rtol/10, atol/10: the solver-error estimate (0: none)')
     p.add_argument('--ode-configs', nargs='*', default=list(CONFIGS), help='configurations whose runs also get the ODE bpd')
     p.add_argument('--jobs', type=int, default=1, help='runs in parallel (one thread each)')
     p.add_argument('--runs', default='experiments/runs', help='folder of the runs (checkpoints, metrics)')

@@ -195,7 +195,7 @@ def eval_parser() -> tuple[argparse.ArgumentParser, dict, dict, dict]:
                            choices={'kind': tuple(OFFICIAL_KINDS)}, positive=('number', 'latent_k'), prefix='official: ')
     p.add_argument('--method', choices=('elbo', 'ode'), default='elbo', help='dense ELBO (default) or probability-flow ODE')
     p.add_argument('--data', default=None, help="data set (default: the one the checkpoint was trained on; required with --official)")
-    p.add_argument('--root', default=None, help="folder of the torchvision data sets (default: the training run's)")
+    p.add_argument('--root', default=None, help="folder of the mnist, cifar10 or imagenet32 files (default: the training run's)")
     p.add_argument('--split', choices=('test', 'train'), default='test')
     p.add_argument('--first', type=int, default=0, help='evaluate the first N images of the split only (0: all)')
     elbo = add_options(p, subset(docments(dense_elbo, full=True), ['n_t', 'batch_size']), prefix='ELBO: ', positive=('n_t', 'batch_size'))

@@ -10,6 +10,7 @@ import math
 import torch
 from torch import nn, Tensor
 import torch.nn.functional as F
+from fastcore.basics import patch
 from .schedules import GAMMA_MIN, GAMMA_MAX
 
 # %% ../nbs/03_denoiser.ipynb #e3ee2b83
@@ -71,11 +72,15 @@ class ResBlock(nn.Module):
         self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1)
         nn.init.zeros_(self.conv2.weight); nn.init.zeros_(self.conv2.bias)
         self.skip = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
-    def forward(self, x:Tensor, cond:Tensor|None=None) -> Tensor:
-        h = self.conv1(F.silu(self.norm1(x)))
-        if self.cond is not None: h = h + self.cond(cond)[:, :, None, None]
-        h = self.conv2(self.drop(F.silu(self.norm2(h))))
-        return self.skip(x) + h
+
+# %% ../nbs/03_denoiser.ipynb #b087d2ef
+@patch
+def forward(self:ResBlock, x:Tensor, cond:Tensor|None=None) -> Tensor:
+    "The skip path of x plus the residual branch, conditioned on `cond` (B, cond_dim)."
+    h = self.conv1(F.silu(self.norm1(x)))
+    if self.cond is not None: h = h + self.cond(cond)[:, :, None, None]
+    h = self.conv2(self.drop(F.silu(self.norm2(h))))
+    return self.skip(x) + h
 
 # %% ../nbs/03_denoiser.ipynb #677f9960
 class AttnBlock(nn.Module):
@@ -87,11 +92,15 @@ class AttnBlock(nn.Module):
         self.norm, self.qkv = group_norm(channels, norm_groups, norm_eps), nn.Conv2d(channels, 3 * channels, 1)
         self.proj = nn.Conv2d(channels, channels, 1)
         nn.init.zeros_(self.proj.weight); nn.init.zeros_(self.proj.bias)
-    def forward(self, x:Tensor) -> Tensor:
-        B, C, H, W = x.shape
-        q, k, v = self.qkv(self.norm(x)).reshape(B, 3, C, H * W).transpose(-1, -2).unbind(1)
-        h = F.scaled_dot_product_attention(q[:, None], k[:, None], v[:, None])[:, 0]
-        return x + self.proj(h.transpose(-1, -2).reshape(B, C, H, W))
+
+# %% ../nbs/03_denoiser.ipynb #ebe76bc2
+@patch
+def forward(self:AttnBlock, x:Tensor) -> Tensor:
+    "x plus the projected one-head self-attention over its H·W positions."
+    B, C, H, W = x.shape
+    q, k, v = self.qkv(self.norm(x)).reshape(B, 3, C, H * W).transpose(-1, -2).unbind(1)
+    h = F.scaled_dot_product_attention(q[:, None], k[:, None], v[:, None])[:, 0]
+    return x + self.proj(h.transpose(-1, -2).reshape(B, C, H, W))
 
 # %% ../nbs/03_denoiser.ipynb #e1966d34
 class ScoreUNet(nn.Module):
@@ -129,28 +138,32 @@ class ScoreUNet(nn.Module):
         self.norm_out, self.conv_out = group_norm(channels, norm_groups, norm_eps), nn.Conv2d(channels, c_img, 3, padding=1)
         nn.init.zeros_(self.conv_out.weight); nn.init.zeros_(self.conv_out.bias)
 
-    def conditioning(self, gamma:Tensor, c:Tensor|None, drop_noise:Tensor|None=None) -> Tensor:
-        "Conditioning vector (B, 4C) from γ (B, *data_shape or broadcastable), c (B, latent_dim) and a mask (B,) of images whose noise level is replaced by the null embedding."
-        if self.latent_dim and (c is None or c.shape != (gamma.shape[0], self.latent_dim)):
-            raise ValueError(f"latent c must have shape (B, {self.latent_dim}), got {None if c is None else tuple(c.shape)}")
-        g = gamma.reshape(gamma.shape[0], -1).mean(1)
-        temb = sinusoidal_embedding(1000 * (g - self.gamma_min) / (self.gamma_max - self.gamma_min), self.channels)
-        if drop_noise is not None:
-            if self.null_noise is None: raise ValueError("this denoiser has no null noise embedding: build it with null_noise=True (noise_dropout > 0)")
-            temb = torch.where(drop_noise[:, None], self.null_noise.to(temb.dtype), temb)
-        if self.latent_dim: temb = torch.cat([temb, c.to(temb.dtype)], dim=1)
-        return self.cond_mlp(temb)
+# %% ../nbs/03_denoiser.ipynb #9eed2cdc
+@patch
+def conditioning(self:ScoreUNet, gamma:Tensor, c:Tensor|None, drop_noise:Tensor|None=None) -> Tensor:
+    "Conditioning vector (B, 4C) from γ (B, *data_shape or broadcastable), c (B, latent_dim) and a mask (B,) of images whose noise level is replaced by the null embedding."
+    if self.latent_dim and (c is None or c.shape != (gamma.shape[0], self.latent_dim)):
+        raise ValueError(f"latent c must have shape (B, {self.latent_dim}), got {None if c is None else tuple(c.shape)}")
+    g = gamma.reshape(gamma.shape[0], -1).mean(1)
+    temb = sinusoidal_embedding(1000 * (g - self.gamma_min) / (self.gamma_max - self.gamma_min), self.channels)
+    if drop_noise is not None:
+        if self.null_noise is None: raise ValueError("this denoiser has no null noise embedding: build it with null_noise=True (noise_dropout > 0)")
+        temb = torch.where(drop_noise[:, None], self.null_noise.to(temb.dtype), temb)
+    if self.latent_dim: temb = torch.cat([temb, c.to(temb.dtype)], dim=1)
+    return self.cond_mlp(temb)
 
-    def forward(self, z:Tensor, # noisy images z_t, shape (B, *data_shape)
-                gamma:Tensor, # γ_t, shape (B, *data_shape) or (B, 1, 1, 1)
-                c:Tensor|None=None, # latent, shape (B, latent_dim)
-                drop_noise:Tensor|None=None, # bool (B,): replace these images' noise level by the null embedding
-               ) -> Tensor:
-        "The prediction (ε̂ or v̂), shape of z."
-        cond = self.conditioning(gamma, c, drop_noise)
-        h = self.conv_in(torch.cat([z, self.fourier(z)], dim=1) if self.fourier is not None else z)
-        hs = [h]
-        for block in self.down: hs.append(block(hs[-1], cond))
-        h = self.mid2(self.attn(self.mid1(hs[-1], cond)), cond)
-        for block in self.up: h = block(torch.cat([h, hs.pop()], dim=1), cond)
-        return z + self.conv_out(F.silu(self.norm_out(h)))
+# %% ../nbs/03_denoiser.ipynb #c4a4c2ff
+@patch
+def forward(self:ScoreUNet, z:Tensor, # noisy images z_t, shape (B, *data_shape)
+            gamma:Tensor, # γ_t, shape (B, *data_shape) or (B, 1, 1, 1)
+            c:Tensor|None=None, # latent, shape (B, latent_dim)
+            drop_noise:Tensor|None=None, # bool (B,): replace these images' noise level by the null embedding
+           ) -> Tensor:
+    "The prediction (ε̂ or v̂), shape of z."
+    cond = self.conditioning(gamma, c, drop_noise)
+    h = self.conv_in(torch.cat([z, self.fourier(z)], dim=1) if self.fourier is not None else z)
+    hs = [h]
+    for block in self.down: hs.append(block(hs[-1], cond))
+    h = self.mid2(self.attn(self.mid1(hs[-1], cond)), cond)
+    for block in self.up: h = block(torch.cat([h, hs.pop()], dim=1), cond)
+    return z + self.conv_out(F.silu(self.norm_out(h)))

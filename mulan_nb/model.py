@@ -41,10 +41,11 @@ def check_field_types(cfg, # a dataclass instance
             what = {int: 'an integer', float: 'a finite number', bool: 'True or False', str: 'a string', tuple: 'a tuple', dict: 'a dict'}.get(kind, kind)
             raise ValueError(f"{f.name} must be {what}, got {v!r}")
 
-# %% ../nbs/05_model.ipynb #b14a6e14
+# %% ../nbs/05_model.ipynb #693582db
 SCHEDULES = {'linear': LinearSchedule, 'scalar': ScalarSchedule, 'monotone': MonotoneNNSchedule,
              'polynomial': PolynomialSchedule, 'sigmoid': SigmoidSchedule}
 
+# %% ../nbs/05_model.ipynb #b14a6e14
 @dataclass
 class MuLANConfig:
     "Everything that defines a model; `MuLANConfig(**asdict(cfg))` round-trips, so checkpoints can store it."
@@ -120,6 +121,7 @@ class MuLANConfig:
 _DIGITS = dict(data_shape=(1, 8, 8), K=17, channels=48, n_blocks=4, dropout=0.1, encoder_channels=16, encoder_blocks=2)
 _MNIST = dict(data_shape=(1, 28, 28), K=256, channels=64, n_blocks=8, dropout=0.1, encoder_channels=32, encoder_blocks=4)
 _CIFAR = dict(data_shape=(3, 32, 32), K=256, channels=128, n_blocks=32, dropout=0.1, encoder_channels=128, encoder_blocks=4)
+_IMAGENET32 = {**_CIFAR, 'channels': 256, 'encoder_channels': 256}   # the official imagenet32.py: sm_n_embd 256, 32 layers
 _VDM = dict(schedule='scalar', latent='none')
 _MULAN = dict(schedule='polynomial', multivariate=True, conditioned=True, latent='topk')
 
@@ -131,6 +133,8 @@ PRESETS = {
     'mnist-mulan': {**_MNIST, **_MULAN, 'latent_m': 20, 'latent_k': 5},
     'cifar10-vdm': {**_CIFAR, **_VDM},
     'cifar10-mulan': {**_CIFAR, **_MULAN, 'latent_m': 50, 'latent_k': 15},
+    'imagenet32-vdm': {**_IMAGENET32, **_VDM},
+    'imagenet32-mulan': {**_IMAGENET32, **_MULAN, 'latent_m': 50, 'latent_k': 15},
 }
 
 # %% ../nbs/05_model.ipynb #a0cd1791
@@ -156,13 +160,14 @@ class MuLAN(nn.Module):
         self.denoiser = ScoreUNet(shape, cfg.channels, cfg.n_blocks, m, cfg.dropout, cfg.attention, cfg.fourier, **ends,
                                   null_noise=cfg.noise_dropout > 0, cond_bias=cfg.cond_bias, **norm)
 
-    @classmethod
-    def from_preset(cls, name:str, # one of `PRESETS`
-                    **overrides, # fields of MuLANConfig to change
-                   ) -> 'MuLAN':
-        "Build a model from a named preset."
-        if name not in PRESETS: raise ValueError(f"unknown preset {name!r}: choose one of {', '.join(PRESETS)}")
-        return cls(MuLANConfig(**{**PRESETS[name], **overrides}))
+# %% ../nbs/05_model.ipynb #377728f3
+@patch(cls_method=True)
+def from_preset(cls:MuLAN, name:str, # one of `PRESETS`
+                **overrides, # fields of MuLANConfig to change
+               ) -> 'MuLAN':
+    "Build a model from a named preset."
+    if name not in PRESETS: raise ValueError(f"unknown preset {name!r}: choose one of {', '.join(PRESETS)}")
+    return cls(MuLANConfig(**{**PRESETS[name], **overrides}))
 
 # %% ../nbs/05_model.ipynb #5c0a1e04
 @patch
@@ -275,10 +280,13 @@ def demo(preset:str='digits-mulan', # model to build
     print('  parameters:', parameter_counts(model))
     return out
 
-# %% ../nbs/05_model.ipynb #f9589862
+# %% ../nbs/05_model.ipynb #8f47b23c
 CHECKPOINT_FORMAT = 'mulan_nb-checkpoint-3'   # 3: a checksum is required; 2: γ_min and Fourier exponents follow K (1 was built with 8-bit values)
+
+# %% ../nbs/05_model.ipynb #34b8b023
 UNCHECKSUMMED_FORMATS = ('mulan_nb-checkpoint-2',)   # read, without a checksum to check
 
+# %% ../nbs/05_model.ipynb #f9589862
 def state_checksum(state, # nested dicts / lists of tensors and plain values
                   ) -> str:
     "BLAKE2b digest of every tensor (key path, dtype, shape, bytes) and every other value (its repr) in `state`, in order."

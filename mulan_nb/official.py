@@ -11,6 +11,7 @@ __all__ = ['MSGPACK_FORMATS', 'OFFICIAL_RULES', 'OFFICIAL_BLOCKS', 'OFFICIAL_LAY
 # %% ../nbs/17_official.ipynb #e8c5fea1
 import dataclasses, math, os, re, struct, warnings
 from pathlib import Path
+from fastcore.basics import patch
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -29,6 +30,7 @@ MSGPACK_FORMATS = {0xc4: ('bin', 1), 0xc5: ('bin', 2), 0xc6: ('bin', 4), 0xc7: (
                    0xdb: ('str', 4), 0xdc: ('array', 2), 0xdd: ('array', 4), 0xde: ('map', 2), 0xdf: ('map', 4)}
 "msgpack's header bytes 0xc4-0xdf: (kind, bytes of the length or number that follows); 0xc1 is never used."
 
+# %% ../nbs/17_official.ipynb #e0147823
 class MsgpackReader:
     "Decodes one msgpack value from a binary file: maps (dict), arrays (list), strings, bytes, numbers, None, booleans. Extension values go to `ext`, which a subclass defines."
     def __init__(self, fh, # a binary file, positioned at its start
@@ -44,42 +46,50 @@ class MsgpackReader:
         self.pos += n
         return self.fh.read(n)
 
-    def value(self, keys:tuple=()):
-        "The next value; `keys` is the path of map keys that leads to it."
-        if len(keys) > 64: self.fail("nested deeper than 64")
-        b = self.take(1)[0]
-        if b < 0x80 or b >= 0xe0: return b if b < 0x80 else b - 0x100   # positive and negative fixint
-        if b < 0x90: return self.map(b - 0x80, keys)
-        if b < 0xa0: return self.array(b - 0x90, keys)
-        if b < 0xc0: return self.text(b - 0xa0)
-        if b in (0xc0, 0xc2, 0xc3): return {0xc0: None, 0xc2: False, 0xc3: True}[b]
-        if b not in MSGPACK_FORMATS: self.fail(f"byte 0x{b:02x} starts no msgpack value")
-        kind, n = MSGPACK_FORMATS[b]
-        if kind in ('uint', 'int'): return int.from_bytes(self.take(n), 'big', signed=kind == 'int')
-        if kind == 'float': return struct.unpack('>f' if n == 4 else '>d', self.take(n))[0]
-        if kind == 'fixext': return self.ext(int.from_bytes(self.take(1), 'big', signed=True), n, keys)
-        length = int.from_bytes(self.take(n), 'big')
-        if kind == 'ext': return self.ext(int.from_bytes(self.take(1), 'big', signed=True), length, keys)
-        return {'bin': self.take, 'str': self.text, 'array': lambda n: self.array(n, keys), 'map': lambda n: self.map(n, keys)}[kind](length)
-
-    def text(self, n:int) -> str:
-        try: return self.take(n).decode('utf-8')
-        except UnicodeDecodeError: self.fail("a string that is not UTF-8")
-
-    def array(self, n:int, keys:tuple) -> list:
-        if n > self.size - self.pos: self.fail(f"truncated: an array of {n} items in {self.size - self.pos} bytes")
-        return [self.value(keys + (str(i),)) for i in range(n)]
-
-    def map(self, n:int, keys:tuple) -> dict:
-        if 2 * n > self.size - self.pos: self.fail(f"truncated: a map of {n} entries in {self.size - self.pos} bytes")
-        out = {}
-        for _ in range(n):
-            k = self.value(keys)
-            if isinstance(k, (list, dict)) or k in out: self.fail(f"map key {k!r}")
-            out[k] = self.value(keys + (str(k),))
-        return out
-
     def ext(self, code:int, n:int, keys:tuple): self.fail(f"msgpack extension type {code}")
+
+# %% ../nbs/17_official.ipynb #27e47a07
+@patch
+def value(self:MsgpackReader, keys:tuple=()):
+    "The next value; `keys` is the path of map keys that leads to it."
+    if len(keys) > 64: self.fail("nested deeper than 64")
+    b = self.take(1)[0]
+    if b < 0x80 or b >= 0xe0: return b if b < 0x80 else b - 0x100   # positive and negative fixint
+    if b < 0x90: return self.map(b - 0x80, keys)
+    if b < 0xa0: return self.array(b - 0x90, keys)
+    if b < 0xc0: return self.text(b - 0xa0)
+    if b in (0xc0, 0xc2, 0xc3): return {0xc0: None, 0xc2: False, 0xc3: True}[b]
+    if b not in MSGPACK_FORMATS: self.fail(f"byte 0x{b:02x} starts no msgpack value")
+    kind, n = MSGPACK_FORMATS[b]
+    if kind in ('uint', 'int'): return int.from_bytes(self.take(n), 'big', signed=kind == 'int')
+    if kind == 'float': return struct.unpack('>f' if n == 4 else '>d', self.take(n))[0]
+    if kind == 'fixext': return self.ext(int.from_bytes(self.take(1), 'big', signed=True), n, keys)
+    length = int.from_bytes(self.take(n), 'big')
+    if kind == 'ext': return self.ext(int.from_bytes(self.take(1), 'big', signed=True), length, keys)
+    return {'bin': self.take, 'str': self.text, 'array': lambda n: self.array(n, keys), 'map': lambda n: self.map(n, keys)}[kind](length)
+
+# %% ../nbs/17_official.ipynb #b47c20b5
+@patch
+def text(self:MsgpackReader, n:int) -> str:
+    try: return self.take(n).decode('utf-8')
+    except UnicodeDecodeError: self.fail("a string that is not UTF-8")
+
+# %% ../nbs/17_official.ipynb #bd1e7b0a
+@patch
+def array(self:MsgpackReader, n:int, keys:tuple) -> list:
+    if n > self.size - self.pos: self.fail(f"truncated: an array of {n} items in {self.size - self.pos} bytes")
+    return [self.value(keys + (str(i),)) for i in range(n)]
+
+# %% ../nbs/17_official.ipynb #78fea87d
+@patch
+def map(self:MsgpackReader, n:int, keys:tuple) -> dict:
+    if 2 * n > self.size - self.pos: self.fail(f"truncated: a map of {n} entries in {self.size - self.pos} bytes")
+    out = {}
+    for _ in range(n):
+        k = self.value(keys)
+        if isinstance(k, (list, dict)) or k in out: self.fail(f"map key {k!r}")
+        out[k] = self.value(keys + (str(k),))
+    return out
 
 # %% ../nbs/17_official.ipynb #af365fbc
 class FlaxStateReader(MsgpackReader):
@@ -102,37 +112,41 @@ class FlaxStateReader(MsgpackReader):
         if self.pos != end: self.fail(f"an extension of {n} bytes that holds {n + self.pos - end}")
         return out
 
-    def ndarray(self, keys:tuple, scalar:bool):
-        "Flax's `[shape, dtype name, C-order bytes]`."
-        if self.take(1) != b'\x93': self.fail("an array that is not [shape, dtype, bytes]")
-        shape, name = self.value(keys), self.value(keys)
-        if not (isinstance(shape, list) and all(type(d) is int and d >= 0 for d in shape)): self.fail(f"array shape {shape!r}")
-        try: dtype = np.dtype(name).newbyteorder('<')
-        except (TypeError, ValueError): dtype = None
-        if dtype is None or dtype.kind not in 'biufc': self.fail(f"array dtype {name!r}")
-        head = self.take(1)[0]
-        if head not in (0xc4, 0xc5, 0xc6): self.fail("array data that is not msgpack bytes")
-        n = int.from_bytes(self.take(MSGPACK_FORMATS[head][1]), 'big')
-        if n != math.prod(shape) * dtype.itemsize: self.fail(f"{n} bytes of data for a {name} array of shape {tuple(shape)}")
-        if self.pos + n > self.size: self.fail(f"truncated: {n} more bytes needed")
-        if not self.keep(keys):
-            self.fh.seek(n, 1)
-            self.pos += n
-            return None
-        data = bytearray(n)
-        self.fh.readinto(data)
+# %% ../nbs/17_official.ipynb #1f1e3642
+@patch
+def ndarray(self:FlaxStateReader, keys:tuple, scalar:bool):
+    "Flax's `[shape, dtype name, C-order bytes]`."
+    if self.take(1) != b'\x93': self.fail("an array that is not [shape, dtype, bytes]")
+    shape, name = self.value(keys), self.value(keys)
+    if not (isinstance(shape, list) and all(type(d) is int and d >= 0 for d in shape)): self.fail(f"array shape {shape!r}")
+    try: dtype = np.dtype(name).newbyteorder('<')
+    except (TypeError, ValueError): dtype = None
+    if dtype is None or dtype.kind not in 'biufc': self.fail(f"array dtype {name!r}")
+    head = self.take(1)[0]
+    if head not in (0xc4, 0xc5, 0xc6): self.fail("array data that is not msgpack bytes")
+    n = int.from_bytes(self.take(MSGPACK_FORMATS[head][1]), 'big')
+    if n != math.prod(shape) * dtype.itemsize: self.fail(f"{n} bytes of data for a {name} array of shape {tuple(shape)}")
+    if self.pos + n > self.size: self.fail(f"truncated: {n} more bytes needed")
+    if not self.keep(keys):
+        self.fh.seek(n, 1)
         self.pos += n
-        arr = np.frombuffer(data, dtype).reshape(shape)
-        return arr[()] if scalar else arr
+        return None
+    data = bytearray(n)
+    self.fh.readinto(data)
+    self.pos += n
+    arr = np.frombuffer(data, dtype).reshape(shape)
+    return arr[()] if scalar else arr
 
-    def map(self, n:int, keys:tuple):
-        d = super().map(n, keys)
-        if '__msgpack_chunked_array__' not in d: return d
-        try:
-            shape = [d['shape'][str(i)] for i in range(len(d['shape']))]
-            chunks = [d['chunks'][str(i)] for i in range(len(d['chunks']))]
-            return None if any(c is None for c in chunks) else np.concatenate(chunks).reshape(shape)
-        except (KeyError, TypeError, ValueError): self.fail(f"a chunked array at {'/'.join(keys) or 'the top'} that does not join")
+# %% ../nbs/17_official.ipynb #1435f5bf
+@patch
+def map(self:FlaxStateReader, n:int, keys:tuple):
+    d = MsgpackReader.map(self, n, keys)
+    if '__msgpack_chunked_array__' not in d: return d
+    try:
+        shape = [d['shape'][str(i)] for i in range(len(d['shape']))]
+        chunks = [d['chunks'][str(i)] for i in range(len(d['chunks']))]
+        return None if any(c is None for c in chunks) else np.concatenate(chunks).reshape(shape)
+    except (KeyError, TypeError, ValueError): self.fail(f"a chunked array at {'/'.join(keys) or 'the top'} that does not join")
 
 # %% ../nbs/17_official.ipynb #a7045b55
 def flatten_tree(tree:dict, # nested dicts with array leaves
@@ -274,9 +288,10 @@ def official_plan(kind:str, # 'mulan_velocity', 'mulan_epsilon' or 'vdm'
             plan += [(f'{o}/{oo}', f'{m}.{mm}', r) for oo, mm, r in OFFICIAL_BLOCKS[rule]] if rule in OFFICIAL_BLOCKS else [(o, m, rule)]
     return plan
 
-# %% ../nbs/17_official.ipynb #1a8e57ec
+# %% ../nbs/17_official.ipynb #2177b34f
 OFFICIAL_KINDS = {'mulan_velocity': 'v', 'mulan_epsilon': 'eps', 'vdm': 'eps'}   # kind: what its network predicts
 
+# %% ../nbs/17_official.ipynb #1a8e57ec
 def official_config(params:dict, # the official parameter tree, nested (as `read_official_checkpoint` returns it) or flattened with '/'
                     kind:str, # 'mulan_velocity' (CIFAR-10), 'mulan_epsilon' (ImageNet-32, also when evaluated with velocity_from_epsilon) or 'vdm'
                     data_shape:tuple=(3, 32, 32), # (C, H, W): the parameters fix only C and H·W
@@ -331,6 +346,16 @@ def fold_encoder_conditioning(take, # take(official name) -> tensor (marks it us
     cond = F.silu(F.silu(x @ k0 + b0) @ k1 + b1)[0]
     return {f'{m}.bias': conv1_bias[f'{m}.bias'].double() + cond @ take(f'{o}/kernel').double() for o, m in folds}
 
+# %% ../nbs/17_official.ipynb #7915a2db
+def _check_books(extra:list, # official parameters the conversion did not use, sorted
+                 missing:list, # mulan_nb parameters it did not set, sorted
+                 kind:str, # the official kind converted
+                ) -> None:
+    "Raise `ValueError` naming the first unused official parameter, else the first unset parameter of ours (and how many more)."
+    more = lambda names: f" (and {len(names) - 1} more)" if len(names) > 1 else ""
+    if extra: raise ValueError(f"official parameter {extra[0]} is not used by the conversion{more(extra)}: not a {kind} model as mulan_nb knows it")
+    if missing: raise ValueError(f"mulan_nb parameter {missing[0]} is not set by the conversion{more(missing)}")
+
 # %% ../nbs/17_official.ipynb #ec84c867
 def convert_official(params:dict, # the official parameter tree, e.g. `read_official_checkpoint(folder)['ema_params']`: nested dicts of arrays
                      kind:str, # 'mulan_velocity' (the CIFAR-10 checkpoint), 'mulan_epsilon' (ImageNet-32) or 'vdm'
@@ -370,10 +395,7 @@ def convert_official(params:dict, # the official parameter tree, e.g. `read_offi
             put(f'{m}.weight', OFFICIAL_RULES[rule][3](k, perm.to(k.device)), f'{o}/kernel')
             if rule != 'dense-no-bias': put(f'{m}.bias', take(f'{o}/bias')[perm.to(k.device)] if rule == 'dense-hwc' else take(f'{o}/bias'), f'{o}/bias')
     if folds: state.update(fold_encoder_conditioning(take, state, folds, cfg.encoder_channels))
-    extra, missing = sorted(set(flat) - used), sorted(set(want) - set(state))
-    more = lambda names: f" (and {len(names) - 1} more)" if len(names) > 1 else ""
-    if extra: raise ValueError(f"official parameter {extra[0]} is not used by the conversion{more(extra)}: not a {kind} model as mulan_nb knows it")
-    if missing: raise ValueError(f"mulan_nb parameter {missing[0]} is not set by the conversion{more(missing)}")
+    _check_books(sorted(set(flat) - used), sorted(set(want) - set(state)), kind)
     model.load_state_dict({k: v.to(dtype=dtype, memory_format=torch.contiguous_format, copy=True) for k, v in state.items()}, assign=True)
     return model.eval()
 
@@ -406,10 +428,11 @@ def load_official(directory:str|Path, # a folder written by `clu.checkpoint`, e.
                 config=dataclasses.asdict(cfg), official_config=official)
     return model, info
 
-# %% ../nbs/17_official.ipynb #214a5a49
+# %% ../nbs/17_official.ipynb #bfbfa6e0
 KL_ACCOUNTINGS = {'softmax': 'the official softmax surrogate KL(softmax(logits) || Uniform(m)): NOT a bound',
                   'bound': 'log C(m, k) >= KL(q(c|x) || p(c)): a valid upper bound'}   # accounting: what it is, for reports
 
+# %% ../nbs/17_official.ipynb #214a5a49
 def latent_terms(model:MuLAN, # a `MuLAN` with a top-k latent
                  x:torch.Tensor, # integer images, shape (B, *data_shape)
                  batch_size:int=256, # images per encoder call

@@ -12,6 +12,7 @@ from typing import Callable
 import numpy as np
 import torch
 from torch import nn, Tensor
+from fastcore.basics import patch
 from .diffusion import alpha_sigma, levels_to_data
 from .bound import prior_kl
 from .schedules import LinearSchedule, PolynomialSchedule, GAMMA_MIN, GAMMA_MAX, gamma_min_for_levels
@@ -35,40 +36,52 @@ class GaussianReference:
         a, s = alpha_sigma(self.gammas(t)[0])
         return a * self.mean, a[:, None] * self.cov * a + torch.diag(s**2)
 
-    def logp(self, z: Tensor, t: Tensor) -> Tensor:
-        "Exact log-density of z_t, shape (B,)."
-        return torch.distributions.MultivariateNormal(*self.marginal(t)).log_prob(z)
+# %% ../nbs/07_reference.ipynb #75b830f1
+@patch
+def logp(self:GaussianReference, z: Tensor, t: Tensor) -> Tensor:
+    "Exact log-density of z_t, shape (B,)."
+    return torch.distributions.MultivariateNormal(*self.marginal(t)).log_prob(z)
 
-    def eps(self, z: Tensor, t: Tensor) -> Tensor:
-        "The optimal noise prediction `E[ε | z_t] = σ ⊙ C_t⁻¹ (z − α ⊙ μ)`, shape of z."
-        m, C = self.marginal(t)
-        return alpha_sigma(self.gammas(t)[0])[1] * ((z - m) @ torch.linalg.inv(C))
+# %% ../nbs/07_reference.ipynb #611574be
+@patch
+def eps(self:GaussianReference, z: Tensor, t: Tensor) -> Tensor:
+    "The optimal noise prediction `E[ε | z_t] = σ ⊙ C_t⁻¹ (z − α ⊙ μ)`, shape of z."
+    m, C = self.marginal(t)
+    return alpha_sigma(self.gammas(t)[0])[1] * ((z - m) @ torch.linalg.inv(C))
 
-    def mse(self, f: Tensor, t: Tensor) -> Tensor:
-        "`E_ε (ε − ε̂)²` per dimension given the data f, shape (B, D)."
-        a, s = alpha_sigma(self.gammas(t)[0])
-        SCinv = s[:, None] * torch.linalg.inv(self.marginal(t)[1])
-        R = torch.eye(self.D, dtype=f.dtype) - SCinv * s
-        return (R**2).sum(1) + ((f - self.mean) * a @ SCinv.T) ** 2
+# %% ../nbs/07_reference.ipynb #f970154f
+@patch
+def mse(self:GaussianReference, f: Tensor, t: Tensor) -> Tensor:
+    "`E_ε (ε − ε̂)²` per dimension given the data f, shape (B, D)."
+    a, s = alpha_sigma(self.gammas(t)[0])
+    SCinv = s[:, None] * torch.linalg.inv(self.marginal(t)[1])
+    R = torch.eye(self.D, dtype=f.dtype) - SCinv * s
+    return (R**2).sum(1) + ((f - self.mean) * a @ SCinv.T) ** 2
 
-    def nelbo(self, f: Tensor, # data, shape (B, D)
-              n_t: int=256, # Gauss–Legendre nodes in t
-             ) -> dict:
-        "NELBO terms in nats, (B,) each, with the optimal ε̂ and the decoder `N(f; z_0/α_0, e^{γ_0})`; exact over ε, quadrature over t."
-        nodes, weights = (torch.from_numpy(a).to(f.dtype) for a in np.polynomial.legendre.leggauss(n_t))
-        diffusion = sum(w / 2 * 0.5 * (self.gammas(t)[1] * self.mse(f, t)).sum(1) for t, w in zip((nodes + 1) / 2, weights))
-        g0, g1 = (self.gammas(torch.tensor(t, dtype=f.dtype))[0] for t in (0., 1.))
-        return dict(diffusion=diffusion, recon=0.5 * (1 + g0 + math.log(2 * math.pi)).sum().expand(len(f)), prior=prior_kl(f, g1))
+# %% ../nbs/07_reference.ipynb #67895890
+@patch
+def nelbo(self:GaussianReference, f: Tensor, # data, shape (B, D)
+          n_t: int=256, # Gauss–Legendre nodes in t
+         ) -> dict:
+    "NELBO terms in nats, (B,) each, with the optimal ε̂ and the decoder `N(f; z_0/α_0, e^{γ_0})`; exact over ε, quadrature over t."
+    nodes, weights = (torch.from_numpy(a).to(f.dtype) for a in np.polynomial.legendre.leggauss(n_t))
+    diffusion = sum(w / 2 * 0.5 * (self.gammas(t)[1] * self.mse(f, t)).sum(1) for t, w in zip((nodes + 1) / 2, weights))
+    g0, g1 = (self.gammas(torch.tensor(t, dtype=f.dtype))[0] for t in (0., 1.))
+    return dict(diffusion=diffusion, recon=0.5 * (1 + g0 + math.log(2 * math.pi)).sum().expand(len(f)), prior=prior_kl(f, g1))
 
-    def prior_mismatch(self) -> Tensor:
-        "`KL(q(z_1) ‖ N(0, I))`, in nats."
-        m, C = self.marginal(torch.ones((), dtype=self.mean.dtype))
-        return 0.5 * (torch.trace(C) + m @ m - self.D - torch.logdet(C))
+# %% ../nbs/07_reference.ipynb #b56c7795
+@patch
+def prior_mismatch(self:GaussianReference) -> Tensor:
+    "`KL(q(z_1) ‖ N(0, I))`, in nats."
+    m, C = self.marginal(torch.ones((), dtype=self.mean.dtype))
+    return 0.5 * (torch.trace(C) + m @ m - self.D - torch.logdet(C))
 
-    def decoder_mismatch(self) -> Tensor:
-        "`E KL(q(f | z_0) ‖ N(f; z_0/α_0, e^{γ_0}))` = `½ log det(I + Σ⁻¹ diag(e^{γ_0}))`, in nats."
-        g0 = self.gammas(torch.zeros((), dtype=self.mean.dtype))[0]
-        return 0.5 * (torch.logdet(self.cov + torch.diag(g0.exp())) - torch.logdet(self.cov))
+# %% ../nbs/07_reference.ipynb #dbb11c2d
+@patch
+def decoder_mismatch(self:GaussianReference) -> Tensor:
+    "`E KL(q(f | z_0) ‖ N(f; z_0/α_0, e^{γ_0}))` = `½ log det(I + Σ⁻¹ diag(e^{γ_0}))`, in nats."
+    g0 = self.gammas(torch.zeros((), dtype=self.mean.dtype))[0]
+    return 0.5 * (torch.logdet(self.cov + torch.diag(g0.exp())) - torch.logdet(self.cov))
 
 # %% ../nbs/07_reference.ipynb #1234a29c
 def correlated_gaussian(kind:str='multivariate', # 'linear' (univariate schedule) or 'multivariate' (γ_i = γ_min + Δ t^p_i)
@@ -113,13 +126,20 @@ class GaussianModel(nn.Module):
         if c is not None: raise ValueError("this model has no latent")
     def encode(self, x, generator=None): return None, torch.zeros(len(x))
     def gamma(self, t, c=None): return self.schedule(t)
-    def predict_eps(self, z, gamma, c=None, guidance=None):
-        alpha, sigma = alpha_sigma(gamma)
-        return sigma * (z - alpha * self.mu) / (alpha**2 * self.s**2 + sigma**2)
-    def data(self, n:int, seed:int=12345) -> Tensor:
-        "n integer images whose data values are N(μ, s²) up to the level spacing."
-        f = self.mu + self.s * torch.randn(n, *self.mu.shape, generator=torch.Generator().manual_seed(seed))
-        return ((f + 1) * self.config.K / 2).floor().long().clamp(0, self.config.K - 1)
+
+# %% ../nbs/07_reference.ipynb #a3d27c87
+@patch
+def predict_eps(self:GaussianModel, z, gamma, c=None, guidance=None):
+    "E[ε | z_t] = σ (z − α μ) / (α² s² + σ²), elementwise."
+    alpha, sigma = alpha_sigma(gamma)
+    return sigma * (z - alpha * self.mu) / (alpha**2 * self.s**2 + sigma**2)
+
+# %% ../nbs/07_reference.ipynb #d0f532c2
+@patch
+def data(self:GaussianModel, n:int, seed:int=12345) -> Tensor:
+    "n integer images whose data values are N(μ, s²) up to the level spacing."
+    f = self.mu + self.s * torch.randn(n, *self.mu.shape, generator=torch.Generator().manual_seed(seed))
+    return ((f + 1) * self.config.K / 2).floor().long().clamp(0, self.config.K - 1)
 
 # %% ../nbs/07_reference.ipynb #049fc53f
 class PointMassModel(GaussianModel):

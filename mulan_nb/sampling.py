@@ -42,8 +42,6 @@ def check_times(times:Tensor, # a time grid
     if len(bad): raise ValueError(f"{name} must increase strictly; it does not between points {bad[0].item()} and {bad[0].item() + 1}")
 
 # %% ../nbs/11_sampling.ipynb #195e0e04
-SAMPLERS = ('ancestral', 'ode')
-
 def ode_sample_z0(model, # a `MuLAN` (or anything with its `gamma` and `predict_eps`)
                   z1:Tensor, # the state at t = 1, shape (n, *data_shape)
                   c:Tensor|None, # latents (n, m) or None
@@ -58,9 +56,23 @@ def ode_sample_z0(model, # a `MuLAN` (or anything with its `gamma` and `predict_
         return pf_velocity(model.predict_eps(z, gamma, c, guidance=guidance), z, gamma, dgamma)
     return solve_ode(field, z1, torch.tensor([1., 0.], device=z1.device, dtype=z1.dtype), rtol, atol, method)
 
-# %% ../nbs/11_sampling.ipynb #35220abd
+# %% ../nbs/11_sampling.ipynb #5abd16f3
+SAMPLERS = ('ancestral', 'ode')
+
+# %% ../nbs/11_sampling.ipynb #6b10b79f
 DECODE_LOGITS = 2**24   # the decoder's logits (n, D, K) are built at most this many at a time
 
+# %% ../nbs/11_sampling.ipynb #6fca3775
+def _most_likely_levels(model, # a `MuLAN` (or anything with its `config` and `gamma`)
+                        z:Tensor, # z_0, shape (n, *data_shape)
+                        c:Tensor|None, # latents (n, m) or None
+                       ) -> Tensor:
+    "argmax over the K levels of p(x | z_0) per dimension, shape of z (int64)."
+    g0, _ = model.gamma(torch.zeros(len(z), device=z.device), c)
+    rows = max(1, DECODE_LOGITS // (math.prod(model.config.data_shape) * model.config.K))   # memory bounded whatever n
+    return torch.cat([decoder_logprobs(zc, gc, model.config.K).argmax(-1) for zc, gc in zip(z.split(rows), g0.expand_as(z).split(rows))])
+
+# %% ../nbs/11_sampling.ipynb #35220abd
 @torch.no_grad()
 def sample(model, # a `MuLAN` model (evaluated as it is: call `.eval()` first for sampling without dropout)
            n:int, # number of images
@@ -99,7 +111,5 @@ def sample(model, # a `MuLAN` model (evaluated as it is: call `.eval()` first fo
             z = ancestral_step(z, model.predict_eps(z, g_t, c, guidance=guidance), g_t, g_s, randn())
             if states is not None: states.append((s, z))
     if not torch.isfinite(z).all(): raise FloatingPointError("sampling produced non-finite values: are the model's weights finite?")
-    g0, _ = model.gamma(torch.zeros(n, device=device), c)
-    rows = max(1, DECODE_LOGITS // (math.prod(model.config.data_shape) * model.config.K))   # memory bounded whatever n
-    x = torch.cat([decoder_logprobs(zc, gc, model.config.K).argmax(-1) for zc, gc in zip(z.split(rows), g0.expand_as(z).split(rows))])
+    x = _most_likely_levels(model, z, c)
     return (x, z) if return_z0 else x

@@ -11,7 +11,9 @@ import math
 import torch
 from torch import nn, Tensor
 import torch.nn.functional as F
+from fastcore.basics import patch
 
+# %% ../nbs/02_schedules.ipynb #1a7e04ee
 GAMMA_MIN, GAMMA_MAX = -13.3, 5.0
 
 # %% ../nbs/02_schedules.ipynb #c4dbe662
@@ -58,29 +60,34 @@ class Schedule(nn.Module):
         "γ and γ' of shape (B, n), n = 1 or d; implemented by each family."
         raise NotImplementedError
 
-    def to_pixels(self, v:Tensor, # one value per patch and channel, shape (B, d)
-                 ) -> Tensor:
-        "Expand per-patch values to (B, C, H, W): each p×p patch of a channel gets its patch's value."
-        p, (C, H, W) = self.patch, self.data_shape
-        return v.reshape(len(v), C, H // p, W // p).repeat_interleave(p, 2).repeat_interleave(p, 3)
+# %% ../nbs/02_schedules.ipynb #5d21bf6b
+@patch
+def to_pixels(self:Schedule, v:Tensor, # one value per patch and channel, shape (B, d)
+             ) -> Tensor:
+    "Expand per-patch values to (B, C, H, W): each p×p patch of a channel gets its patch's value."
+    p, (C, H, W) = self.patch, self.data_shape
+    return v.reshape(len(v), C, H // p, W // p).repeat_interleave(p, 2).repeat_interleave(p, 3)
 
-    def forward(self, t:Tensor, # times in [0, 1], shape (B,)
-                c:Tensor|None=None, # latent, shape (B, latent_dim); None for zeros
-               ) -> tuple[Tensor, Tensor]:
-        if not isinstance(t, Tensor) or t.ndim != 1 or not t.dtype.is_floating_point:
-            raise ValueError(f"t must be a 1-D floating tensor of shape (B,), got {getattr(t, 'shape', type(t))}")
-        dtype = next(self.parameters(), t).dtype   # computed in the parameters' dtype, returned in t's
-        if not self.conditioned: c = None
-        elif self.latent_dim == 0 or c is None: c = t.new_zeros(len(t), max(self.latent_dim, 1), dtype=dtype)
-        elif c.shape != (len(t), self.latent_dim):
-            raise ValueError(f"latent c must have shape (B, {self.latent_dim}) = ({len(t)}, {self.latent_dim}), got {tuple(c.shape)}")
-        else: c = c.to(dtype)
-        with torch.autocast(t.device.type, enabled=False):   # always full precision: bf16 would break the fixed ends
-            gamma, dgamma = self.gamma_and_slope(t.to(dtype), c)
-        if gamma.shape[1] > 1 and not self.multivariate: gamma, dgamma = gamma.mean(1, keepdim=True), dgamma.mean(1, keepdim=True)
-        if self.patch > 1 and self.multivariate: return self.to_pixels(gamma).to(t.dtype), self.to_pixels(dgamma).to(t.dtype)
-        shape = (len(t), *self.data_shape) if gamma.shape[1] > 1 else (len(t),) + (1,) * len(self.data_shape)
-        return gamma.reshape(shape).to(t.dtype), dgamma.reshape(shape).to(t.dtype)
+# %% ../nbs/02_schedules.ipynb #0e47378c
+@patch
+def forward(self:Schedule, t:Tensor, # times in [0, 1], shape (B,)
+            c:Tensor|None=None, # latent, shape (B, latent_dim); None for zeros
+           ) -> tuple[Tensor, Tensor]:
+    "γ and γ' at times t (for latents c), each of shape (B, *data_shape) or (B, 1, …, 1)."
+    if not isinstance(t, Tensor) or t.ndim != 1 or not t.dtype.is_floating_point:
+        raise ValueError(f"t must be a 1-D floating tensor of shape (B,), got {getattr(t, 'shape', type(t))}")
+    dtype = next(self.parameters(), t).dtype   # computed in the parameters' dtype, returned in t's
+    if not self.conditioned: c = None
+    elif self.latent_dim == 0 or c is None: c = t.new_zeros(len(t), max(self.latent_dim, 1), dtype=dtype)
+    elif c.shape != (len(t), self.latent_dim):
+        raise ValueError(f"latent c must have shape (B, {self.latent_dim}) = ({len(t)}, {self.latent_dim}), got {tuple(c.shape)}")
+    else: c = c.to(dtype)
+    with torch.autocast(t.device.type, enabled=False):   # always full precision: bf16 would break the fixed ends
+        gamma, dgamma = self.gamma_and_slope(t.to(dtype), c)
+    if gamma.shape[1] > 1 and not self.multivariate: gamma, dgamma = gamma.mean(1, keepdim=True), dgamma.mean(1, keepdim=True)
+    if self.patch > 1 and self.multivariate: return self.to_pixels(gamma).to(t.dtype), self.to_pixels(dgamma).to(t.dtype)
+    shape = (len(t), *self.data_shape) if gamma.shape[1] > 1 else (len(t),) + (1,) * len(self.data_shape)
+    return gamma.reshape(shape).to(t.dtype), dgamma.reshape(shape).to(t.dtype)
 
 # %% ../nbs/02_schedules.ipynb #121882f3
 class LinearSchedule(Schedule):
@@ -117,9 +124,10 @@ class LatentToCoefficients(nn.Module):
         h = self.trunk(c)
         return [head(h) for head in self.heads]
 
-# %% ../nbs/02_schedules.ipynb #d01a0167
+# %% ../nbs/02_schedules.ipynb #7754e3e9
 POLYNOMIAL_INITS = ('random', 'linear')
 
+# %% ../nbs/02_schedules.ipynb #d01a0167
 class PolynomialSchedule(Schedule):
     "MuLAN's fixed-end polynomial schedule: `γ = γ_min + Δ F(t)/F(1)`, `F(t) = ∫_0^t (a s² + b s + d)² ds`, (a, b, d) per dimension (or patch) from c."
     conditioned = per_dimension = True
@@ -137,12 +145,15 @@ class PolynomialSchedule(Schedule):
         "F(t) = ∫_0^t (a s² + b s + d)² ds, by Horner's rule."
         return t * (d**2 + t * (b * d + t * ((b**2 + 2 * a * d) / 3 + t * (a * b / 2 + t * a**2 / 5))))
 
-    def gamma_and_slope(self, t, c):
-        a, b, d = self.net(c)
-        d = 1e-3 + F.softplus(d)
-        scale = (self.gamma_max - self.gamma_min) / self.integral(a, b, d, torch.ones_like(t)[:, None])
-        t = t[:, None]
-        return self.gamma_min + scale * self.integral(a, b, d, t), scale * (a * t**2 + b * t + d)**2
+# %% ../nbs/02_schedules.ipynb #c9f57bee
+@patch
+def gamma_and_slope(self:PolynomialSchedule, t, c):
+    "γ = γ_min + Δ F(t)/F(1) and γ' = Δ p(t)/F(1), shape (B, d)."
+    a, b, d = self.net(c)
+    d = 1e-3 + F.softplus(d)
+    scale = (self.gamma_max - self.gamma_min) / self.integral(a, b, d, torch.ones_like(t)[:, None])
+    t = t[:, None]
+    return self.gamma_min + scale * self.integral(a, b, d, t), scale * (a * t**2 + b * t + d)**2
 
 # %% ../nbs/02_schedules.ipynb #0934c235
 class SigmoidSchedule(Schedule):
@@ -155,12 +166,15 @@ class SigmoidSchedule(Schedule):
         super().__init__(data_shape, latent_dim, gamma_min, gamma_max, multivariate, patch)
         self.net = LatentToCoefficients(latent_dim, self.d, 2, width or self.D)
 
-    def gamma_and_slope(self, t, c):
-        w, b = self.net(c)
-        w, b, t = 0.01 + F.softplus(w), b.clamp(-3, 3), t[:, None]
-        s0, s1, st = torch.sigmoid(b), torch.sigmoid(w + b), torch.sigmoid(w * t + b)
-        scale = (self.gamma_max - self.gamma_min) / (s1 - s0)
-        return self.gamma_min + scale * (st - s0), scale * w * st * (1 - st)
+# %% ../nbs/02_schedules.ipynb #56cc6660
+@patch
+def gamma_and_slope(self:SigmoidSchedule, t, c):
+    "γ = γ_min + Δ (σ(wt+b) - σ(b)) / (σ(w+b) - σ(b)) and its slope, shape (B, d)."
+    w, b = self.net(c)
+    w, b, t = 0.01 + F.softplus(w), b.clamp(-3, 3), t[:, None]
+    s0, s1, st = torch.sigmoid(b), torch.sigmoid(w + b), torch.sigmoid(w * t + b)
+    scale = (self.gamma_max - self.gamma_min) / (s1 - s0)
+    return self.gamma_min + scale * (st - s0), scale * w * st * (1 - st)
 
 # %% ../nbs/02_schedules.ipynb #1bdb1710
 class MonotoneNNSchedule(Schedule):
@@ -182,20 +196,25 @@ class MonotoneNNSchedule(Schedule):
         self.b2 = nn.Parameter(torch.zeros(width))
         self.w3 = nn.Parameter(torch.rand(n_out, width) * 1e-2)
 
-    def g_and_slope(self, t, c):
-        "Un-normalised g(t, c) and dg/dt, shape (B, n_out)."
-        u = 2 * (t[:, None] - 0.5)
-        h = u * self.w2.abs() + self.b2 + (self.l2c(c) if self.conditioned else 0)
-        sig = torch.sigmoid(h)
-        g = t[:, None] * self.w1.abs() + self.b1 + (2 * (sig - 0.5)) @ self.w3.abs().T / self.width
-        dg = self.w1.abs() + (4 * sig * (1 - sig) * self.w2.abs()) @ self.w3.abs().T / self.width
-        return g, dg
+# %% ../nbs/02_schedules.ipynb #41bc9a32
+@patch
+def g_and_slope(self:MonotoneNNSchedule, t, c):
+    "Un-normalised g(t, c) and dg/dt, shape (B, n_out)."
+    u = 2 * (t[:, None] - 0.5)
+    h = u * self.w2.abs() + self.b2 + (self.l2c(c) if self.conditioned else 0)
+    sig = torch.sigmoid(h)
+    g = t[:, None] * self.w1.abs() + self.b1 + (2 * (sig - 0.5)) @ self.w3.abs().T / self.width
+    dg = self.w1.abs() + (4 * sig * (1 - sig) * self.w2.abs()) @ self.w3.abs().T / self.width
+    return g, dg
 
-    def gamma_and_slope(self, t, c):
-        g, dg = self.g_and_slope(t, c)
-        if not self.fixed_ends: return g, dg
-        ends = torch.cat([torch.zeros_like(t), torch.ones_like(t)])
-        g01, _ = self.g_and_slope(ends, None if c is None else torch.cat([c, c]))
-        g0, g1 = g01.chunk(2)
-        scale = (self.gamma_max - self.gamma_min) / (g1 - g0)
-        return self.gamma_min + scale * (g - g0), scale * dg
+# %% ../nbs/02_schedules.ipynb #7dabc3fd
+@patch
+def gamma_and_slope(self:MonotoneNNSchedule, t, c):
+    "γ = γ_min + Δ (g(t) - g(0))/(g(1) - g(0)) and its slope; g itself when the ends are not fixed."
+    g, dg = self.g_and_slope(t, c)
+    if not self.fixed_ends: return g, dg
+    ends = torch.cat([torch.zeros_like(t), torch.ones_like(t)])
+    g01, _ = self.g_and_slope(ends, None if c is None else torch.cat([c, c]))
+    g0, g1 = g01.chunk(2)
+    scale = (self.gamma_max - self.gamma_min) / (g1 - g0)
+    return self.gamma_min + scale * (g - g0), scale * dg

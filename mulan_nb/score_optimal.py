@@ -9,6 +9,7 @@ __all__ = ['incremental_cost', 'step_costs', 'cost_ratio', 'cumulative_length', 
 # %% ../nbs/14_score_optimal.ipynb #8aa6ecf4
 import math
 import torch
+from fastcore.basics import patch
 from torch import Tensor
 from .diffusion import check_levels, levels_to_data, alpha_sigma
 from .sampling import check_times
@@ -19,6 +20,21 @@ def _device(model, default=None):
     "The device of the model's first parameter (`default` for a model without parameters)."
     p = next(iter(model.parameters()), None)
     return default if p is None else p.device
+
+# %% ../nbs/14_score_optimal.ipynb #fbbd072d
+def _interval_costs(model, # a `MuLAN` (or anything with its `gamma` and `predict_eps`)
+                    f:Tensor, c:Tensor|None, eps:Tensor, # data values, latents (or None) and noise of the images, (N, ...)
+                    grid:Tensor, # the times, shape (M+1,)
+                    j:Tensor, k:Tensor, # interval and image of each pair, shape (P,)
+                   ) -> Tensor:
+    "‖ε̂(z, t_j) - σ(t_j)/σ(t_j+1) ⊙ ε̂(z, t_j+1)‖² at z = α(t_j+1) f_k + σ(t_j+1) ε_k for each pair; float64, shape (P,)."
+    cc = None if c is None else c[k].repeat(2, 1)
+    g, _ = model.gamma(torch.cat([grid[j + 1], grid[j]]), cc)   # γ at the step's start t_j+1, then at its end t_j
+    g_from, g_to = g.chunk(2)
+    (a_from, s_from), (_, s_to) = alpha_sigma(g_from), alpha_sigma(g_to)
+    z = a_from * f[k] + s_from * eps[k]
+    e_from, e_to = model.predict_eps(torch.cat([z, z]), g, cc).chunk(2)
+    return (e_to - s_to / s_from * e_from).flatten(1).pow(2).sum(1).double()
 
 # %% ../nbs/14_score_optimal.ipynb #b679959b
 @torch.no_grad()
@@ -47,13 +63,7 @@ def incremental_cost(model, # a `MuLAN` (or anything with its `config`, `gamma`,
         total = torch.zeros(M, dtype=torch.float64, device=device)
         for rows in torch.arange(M * N, device=device).split(batch_size):
             j, k = rows // N, rows % N
-            cc = None if c is None else c[k].repeat(2, 1)
-            g, _ = model.gamma(torch.cat([grid[j + 1], grid[j]]), cc)   # γ at the step's start t_j+1, then at its end t_j
-            g_from, g_to = g.chunk(2)
-            (a_from, s_from), (_, s_to) = alpha_sigma(g_from), alpha_sigma(g_to)
-            z = a_from * f[k] + s_from * eps[k]
-            e_from, e_to = model.predict_eps(torch.cat([z, z]), g, cc).chunk(2)
-            total.index_add_(0, j, (e_to - s_to / s_from * e_from).flatten(1).pow(2).sum(1).double())
+            total.index_add_(0, j, _interval_costs(model, f, c, eps, grid, j, k))
     finally: model.train(was_training)
     return (total / N).cpu()
 
@@ -186,34 +196,42 @@ class OnlineTimes:
         check_times(self.times, 'times', T + 1)
         self.n_updates = 0
 
-    def estimate_grid(self) -> Tensor:
-        "The grid the cost is estimated on: the current times with every step cut into `refine` equal pieces."
-        r = torch.arange(self.refine, dtype=self.times.dtype) / self.refine
-        t = self.times
-        return torch.cat([(t[:-1, None] + r * t.diff()[:, None]).flatten(), t[-1:]])
+# %% ../nbs/14_score_optimal.ipynb #14608446
+@patch
+def estimate_grid(self:OnlineTimes) -> Tensor:
+    "The grid the cost is estimated on: the current times with every step cut into `refine` equal pieces."
+    r = torch.arange(self.refine, dtype=self.times.dtype) / self.refine
+    t = self.times
+    return torch.cat([(t[:-1, None] + r * t.diff()[:, None]).flatten(), t[-1:]])
 
-    def update(self, model, # the model to take ε̂ from (e.g. the EMA weights); evaluated in eval mode
-               x:Tensor, # a batch of integer images
-               generator:torch.Generator|None=None, # for the noise of the estimate
-              ) -> Tensor:
-        "Count a call; after the warm-up, estimate the cost on `estimate_grid()` and blend in the optimum. Returns the current times (T+1,)."
-        self.n_updates += 1
-        if self.n_updates > self.warmup:
-            grid = self.estimate_grid()
-            target = optimal_times(grid, incremental_cost(model, x, grid, self.n_repeats, generator), self.T)
-            self.times = blend_times(self.times, target, self.weight)
-        return self.times
+# %% ../nbs/14_score_optimal.ipynb #9d2e5adb
+@patch
+def update(self:OnlineTimes, model, # the model to take ε̂ from (e.g. the EMA weights); evaluated in eval mode
+           x:Tensor, # a batch of integer images
+           generator:torch.Generator|None=None, # for the noise of the estimate
+          ) -> Tensor:
+    "Count a call; after the warm-up, estimate the cost on `estimate_grid()` and blend in the optimum. Returns the current times (T+1,)."
+    self.n_updates += 1
+    if self.n_updates > self.warmup:
+        grid = self.estimate_grid()
+        target = optimal_times(grid, incremental_cost(model, x, grid, self.n_repeats, generator), self.T)
+        self.times = blend_times(self.times, target, self.weight)
+    return self.times
 
-    def state_dict(self) -> dict:
-        "Everything needed to resume: settings, the current grid and the number of updates."
-        return dict(T=self.T, weight=self.weight, warmup=self.warmup, refine=self.refine, n_repeats=self.n_repeats,
-                    times=self.times.clone(), n_updates=self.n_updates)
+# %% ../nbs/14_score_optimal.ipynb #c964ffa2
+@patch
+def state_dict(self:OnlineTimes) -> dict:
+    "Everything needed to resume: settings, the current grid and the number of updates."
+    return dict(T=self.T, weight=self.weight, warmup=self.warmup, refine=self.refine, n_repeats=self.n_repeats,
+                times=self.times.clone(), n_updates=self.n_updates)
 
-    def load_state_dict(self, state:dict) -> None:
-        "Restore from `state_dict()`."
-        other = OnlineTimes(state['T'], state['weight'], state['warmup'], state['refine'], state['n_repeats'], state['times'])
-        other.n_updates = int(state['n_updates'])
-        self.__dict__.update(other.__dict__)
+# %% ../nbs/14_score_optimal.ipynb #f2f178cf
+@patch
+def load_state_dict(self:OnlineTimes, state:dict) -> None:
+    "Restore from `state_dict()`."
+    other = OnlineTimes(state['T'], state['weight'], state['warmup'], state['refine'], state['n_repeats'], state['times'])
+    other.n_updates = int(state['n_updates'])
+    self.__dict__.update(other.__dict__)
 
 # %% ../nbs/14_score_optimal.ipynb #0b7e0002
 class OptimiseTimes:
@@ -227,22 +245,34 @@ class OptimiseTimes:
         if not isinstance(every, int) or every < 1: raise ValueError(f"every (steps between grid updates) must be an int >= 1, got {every!r}")
         self.every, self.online = every, OnlineTimes(T, weight, warmup)
 
-    def after_step(self, trainer):
-        if trainer.rank or trainer.step % self.every: return
-        torch.manual_seed(shard_seed(trainer.cfg.seed, trainer.step, -1))
-        gen = torch.Generator(trainer.device).manual_seed(shard_seed(trainer.cfg.seed, trainer.step, -2))
-        self.online.update(trainer.ema, trainer.xtrain[trainer.idx[:128]], gen)
-
     @property
     def sampling_times(self) -> Tensor: return self.online.times
-    def state_dict(self) -> dict: return {**self.online.state_dict(), 'every': self.every}
-    def load_state_dict(self, state:dict):
-        "Restore the grid; refused when the settings differ from this callback's (a resume continues the same grid or says why not)."
-        mine = dict(every=self.every, T=self.online.T, weight=self.online.weight, warmup=self.online.warmup)
-        theirs = {k: state.get(k, mine[k]) for k in mine}   # checkpoints of earlier sessions have no 'every'
-        if theirs != mine: raise ValueError(f"the run's online sampling grid has the settings {theirs}, this run {mine}: resume with the same --optimise-times-* and --sample-steps")
-        self.online.load_state_dict(state)
-    def result(self, trainer) -> dict: return {'sampling_times': self.online.times.tolist()}
+
+# %% ../nbs/14_score_optimal.ipynb #2c12d57e
+@patch
+def after_step(self:OptimiseTimes, trainer):
+    "Update the grid at every `every`-th step on rank 0, with random numbers seeded by (seed, step)."
+    if trainer.rank or trainer.step % self.every: return
+    torch.manual_seed(shard_seed(trainer.cfg.seed, trainer.step, -1))
+    gen = torch.Generator(trainer.device).manual_seed(shard_seed(trainer.cfg.seed, trainer.step, -2))
+    self.online.update(trainer.ema, trainer.xtrain[trainer.idx[:128]], gen)
+
+# %% ../nbs/14_score_optimal.ipynb #42ae657b
+@patch
+def state_dict(self:OptimiseTimes) -> dict: return {**self.online.state_dict(), 'every': self.every}
+
+# %% ../nbs/14_score_optimal.ipynb #a5044b0f
+@patch
+def load_state_dict(self:OptimiseTimes, state:dict):
+    "Restore the grid; refused when the settings differ from this callback's (a resume continues the same grid or says why not)."
+    mine = dict(every=self.every, T=self.online.T, weight=self.online.weight, warmup=self.online.warmup)
+    theirs = {k: state.get(k, mine[k]) for k in mine}   # checkpoints of earlier sessions have no 'every'
+    if theirs != mine: raise ValueError(f"the run's online sampling grid has the settings {theirs}, this run {mine}: resume with the same --optimise-times-* and --sample-steps")
+    self.online.load_state_dict(state)
+
+# %% ../nbs/14_score_optimal.ipynb #ea23eda3
+@patch
+def result(self:OptimiseTimes, trainer) -> dict: return {'sampling_times': self.online.times.tolist()}
 
 # %% ../nbs/14_score_optimal.ipynb #9daaa41d
 def plot_step_costs(grids:dict, # name -> sampling grid (T+1,), e.g. {'uniform': …, 'optimised': …}

@@ -28,8 +28,8 @@ class TrainConfig:
     "Everything a training run needs besides the model; stored in every checkpoint."
     preset: str = 'digits-mulan' # model preset (see `PRESETS`)
     model: dict = field(default_factory=dict) # overrides of the preset's MuLANConfig fields
-    data: str = 'digits' # 'digits', 'mnist', 'cifar10' or a .npy/.npz path
-    root: str|None = None # folder of torchvision data sets
+    data: str = 'digits' # 'digits', 'mnist', 'cifar10', 'imagenet32' or a .npy/.npz path
+    root: str|None = None # folder of the mnist, cifar10 or imagenet32 files
     K: int|None = None # levels of a .npy/.npz data set (default 256)
     download: bool = False # let torchvision download
     steps: int = 2000 # optimiser steps in total
@@ -127,45 +127,56 @@ class TimeProposal:
         if self.updates < self.warmup or not bool((self.seen > 0).all()) or not rms.sum() > 0: return torch.ones(self.bins, dtype=torch.float64)
         return (1 - self.mix) * rms / rms.mean() + self.mix
 
-    def sample(self, u:Tensor, # uniforms in [0, 1), e.g. `stratified_times(n)`
-              ) -> tuple[Tensor, Tensor]:
-        "Times t = F⁻¹(u) in [0, 1) and their densities p(t), both in `u`'s dtype and device."
-        p = self.density.to(u.device)
-        cdf = torch.cat([p.new_zeros(1), (p / self.bins).cumsum(0)]); cdf[-1] = 1
-        b = (torch.searchsorted(cdf, u.double(), right=True) - 1).clamp(0, self.bins - 1)
-        left = b.double() / self.bins
-        t = torch.minimum(torch.maximum(left + (u.double() - cdf[b]) / p[b], left), left + 1 / self.bins)
-        t = t.to(u.dtype).clamp(max=1 - torch.finfo(u.dtype).eps / 2)
-        return t, p[self.bin_of(t)].to(u.dtype)   # the density of the bin t lies in (as rounded), as `bin_stats` counts it
-
     def bin_of(self, t:Tensor) -> Tensor:
         "The bin of each time: floor(t · bins), the last bin closed at 1."
         return (t.double() * self.bins).long().clamp(0, self.bins - 1)
 
-    def bin_stats(self, t:Tensor, # times of a batch
-                  loss:Tensor, # the diffusion term ℓ(t) of each (unweighted)
-                 ) -> Tensor:
-        "(2 · bins,) float64: per bin, the sum of ℓ² and the number of draws (add over shards, all-reduce over processes)."
-        b = self.bin_of(t)
-        sq = torch.zeros(self.bins, dtype=torch.float64, device=t.device).index_add_(0, b, loss.detach().double().square())
-        return torch.cat([sq, torch.bincount(b, minlength=self.bins).double()])
+# %% ../nbs/12_training.ipynb #780edaa5
+@patch
+def bin_stats(self:TimeProposal, t:Tensor, # times of a batch
+              loss:Tensor, # the diffusion term ℓ(t) of each (unweighted)
+             ) -> Tensor:
+    "(2 · bins,) float64: per bin, the sum of ℓ² and the number of draws (add over shards, all-reduce over processes)."
+    b = self.bin_of(t)
+    sq = torch.zeros(self.bins, dtype=torch.float64, device=t.device).index_add_(0, b, loss.detach().double().square())
+    return torch.cat([sq, torch.bincount(b, minlength=self.bins).double()])
 
-    def update(self, stats:Tensor, # `bin_stats` summed over the global batch
-              ) -> None:
-        "One EMA step of the per-bin means of ℓ² (a bin first seen starts at its mean; an empty bin keeps its value)."
-        sq, n = stats.double().cpu().split(self.bins)
-        mean, has = sq / n.clamp(min=1), n > 0
-        ema = self.decay * self.second_moment + (1 - self.decay) * mean
-        self.second_moment = torch.where(has & (self.seen == 0), mean, torch.where(has, ema, self.second_moment))
-        self.seen += n.long(); self.updates += 1
+# %% ../nbs/12_training.ipynb #da47ec2b
+@patch
+def update(self:TimeProposal, stats:Tensor, # `bin_stats` summed over the global batch
+          ) -> None:
+    "One EMA step of the per-bin means of ℓ² (a bin first seen starts at its mean; an empty bin keeps its value)."
+    sq, n = stats.double().cpu().split(self.bins)
+    mean, has = sq / n.clamp(min=1), n > 0
+    ema = self.decay * self.second_moment + (1 - self.decay) * mean
+    self.second_moment = torch.where(has & (self.seen == 0), mean, torch.where(has, ema, self.second_moment))
+    self.seen += n.long(); self.updates += 1
 
-    def state_dict(self) -> dict:
-        "The statistics (the bin count, to check on loading); the mixing weight, warm-up and decay are settings of the run."
-        return dict(bins=self.bins, second_moment=self.second_moment.clone(), seen=self.seen.clone(), updates=self.updates)
-    def load_state_dict(self, state:dict) -> None:
-        "Restore `state_dict`'s statistics; another bin count is refused."
-        if state['bins'] != self.bins: raise ValueError(f"the stored time proposal has {state['bins']} bins, this one {self.bins}")
-        self.second_moment, self.seen, self.updates = state['second_moment'].double().cpu(), state['seen'].long().cpu(), state['updates']
+# %% ../nbs/12_training.ipynb #64fc6bfc
+@patch
+def sample(self:TimeProposal, u:Tensor, # uniforms in [0, 1), e.g. `stratified_times(n)`
+          ) -> tuple[Tensor, Tensor]:
+    "Times t = F⁻¹(u) in [0, 1) and their densities p(t), both in `u`'s dtype and device."
+    p = self.density.to(u.device)
+    cdf = torch.cat([p.new_zeros(1), (p / self.bins).cumsum(0)]); cdf[-1] = 1
+    b = (torch.searchsorted(cdf, u.double(), right=True) - 1).clamp(0, self.bins - 1)
+    left = b.double() / self.bins
+    t = torch.minimum(torch.maximum(left + (u.double() - cdf[b]) / p[b], left), left + 1 / self.bins)
+    t = t.to(u.dtype).clamp(max=1 - torch.finfo(u.dtype).eps / 2)
+    return t, p[self.bin_of(t)].to(u.dtype)   # the density of the bin t lies in (as rounded), as `bin_stats` counts it
+
+# %% ../nbs/12_training.ipynb #293577f6
+@patch
+def state_dict(self:TimeProposal) -> dict:
+    "The statistics (the bin count, to check on loading); the mixing weight, warm-up and decay are settings of the run."
+    return dict(bins=self.bins, second_moment=self.second_moment.clone(), seen=self.seen.clone(), updates=self.updates)
+
+# %% ../nbs/12_training.ipynb #8f050564
+@patch
+def load_state_dict(self:TimeProposal, state:dict) -> None:
+    "Restore `state_dict`'s statistics; another bin count is refused."
+    if state['bins'] != self.bins: raise ValueError(f"the stored time proposal has {state['bins']} bins, this one {self.bins}")
+    self.second_moment, self.seen, self.updates = state['second_moment'].double().cpu(), state['seen'].long().cpu(), state['updates']
 
 # %% ../nbs/12_training.ipynb #bc83c801
 def importance_weighted(terms:dict, # the per-image terms of `MuLAN.nelbo(x, t)`
@@ -297,10 +308,15 @@ def clear_run_folder(out:Path) -> None:
     for f in [*(out / f for f in RUN_FILES), *out.glob('eval-*.json'), *out.glob('samples-*')]: f.unlink(missing_ok=True)
 
 # %% ../nbs/12_training.ipynb #7a1e0002
-def data_fingerprint(images:Tensor) -> str:
-    "A short hash of a tensor of images: shape, dtype and values."
-    h = hashlib.blake2b(f'{tuple(images.shape)}:{images.dtype}'.encode(), digest_size=8)
-    h.update(images.contiguous().numpy().data)
+def data_fingerprint(images:Tensor, # integer images (N, ...), on any device
+                     dtype:torch.dtype|None=None, # hash the values as held in this dtype (default: their own)
+                     chunk:int=2**26, # bytes hashed at a time
+                    ) -> str:
+    "A short hash of a tensor of images: shape, dtype and values, converted to `dtype` a chunk at a time."
+    dtype = dtype or images.dtype
+    h = hashlib.blake2b(f'{tuple(images.shape)}:{dtype}'.encode(), digest_size=8)
+    for part in images.split(max(1, chunk // max(1, math.prod(images.shape[1:]) * dtype.itemsize))):
+        h.update(part.to('cpu', dtype).contiguous().numpy().data)
     return h.hexdigest()
 
 # %% ../nbs/12_training.ipynb #3372f6f3
@@ -317,7 +333,7 @@ class Trainer:
         self.S = self.world * cfg.accum
         if cfg.batch_size % self.S: raise ValueError(f"batch size {cfg.batch_size} must be divisible by processes × accum = {self.S}")
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = cfg.tf32
-        train_data, test_data = (load_data(cfg.data, split, cfg.root, cfg.K, cfg.download) for split in ('train', 'test'))
+        train_data, test_data = (load_data(cfg.data, split, cfg.root, cfg.K, cfg.download, progress and self.rank == 0) for split in ('train', 'test'))
         if test_data.data_shape != train_data.data_shape:
             raise ValueError(f"{cfg.data}: the test split's images have shape {test_data.data_shape}, the training split's {train_data.data_shape}")
         if cfg.batch_size > len(train_data): raise ValueError(f"batch size {cfg.batch_size} is larger than the training set ({len(train_data)} images)")
@@ -355,6 +371,7 @@ def _build(self:Trainer, train_data:ImageData, test_data:ImageData, resume:bool,
     self.opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, betas=(0.9, 0.99), eps=1e-8, weight_decay=cfg.weight_decay)
     self.step, self.nonfinite_run, self.nonfinite_total, self.ckpt_step = 0, 0, 0, None
     self.time_proposal = TimeProposal(cfg.time_bins, cfg.time_mix, cfg.time_warmup) if cfg.time_sampling == 'importance' else None
+    self.xtrain, self.xtest = train_data.images.to(self.device), test_data.images.to(self.device)   # uint8 for K <= 256; before `restore`, which may fingerprint them
     if resume: self.restore(load_checkpoint(self.ckpt_path, map_location=self.device))
     if self.rank == 0:
         if overwrite: clear_run_folder(self.out)   # only now that the new run is set up
@@ -366,7 +383,6 @@ def _build(self:Trainer, train_data:ImageData, test_data:ImageData, resume:bool,
     else: self.metrics = []
     if cfg.compile: self.model.compile()   # the inner module, then the DDP wrapper (PyTorch's order); its state_dict keeps its keys
     self.forward = data_parallel(self.model, self.device)   # the module itself in one process
-    self.xtrain, self.xtest = train_data.images.to(self.device), test_data.images.to(self.device)
     self.autocast = dict(device_type=self.device.type, dtype=torch.bfloat16, enabled=cfg.precision == 'bf16')
 
 # %% ../nbs/12_training.ipynb #365246a3
@@ -402,7 +418,10 @@ def restore(self:Trainer, state:dict, # a checkpoint written by `Trainer.checkpo
     "Check that the checkpoint continues this run, then load weights, optimiser, step, random state, the time proposal and the callbacks' states."
     missing = [k for k in ('config', 'train', 'model', 'ema', 'optimizer', 'step', 'nonfinite_total', 'rng_cpu') if k not in state]
     if missing: raise ValueError(f"checkpoint {self.ckpt_path} lacks {', '.join(missing)}: not a checkpoint of a training run")
-    refused, allowed = resume_changes(state, self.cfg, self.mcfg, self.world, self.fingerprint)
+    fingerprint = self.fingerprint
+    if state.get('data_fingerprint', fingerprint) != fingerprint and state['data_fingerprint'] == data_fingerprint(self.xtrain, torch.int64):
+        fingerprint = state['data_fingerprint']   # the same images: a .npy/.npz run from when they were held as int64
+    refused, allowed = resume_changes(state, self.cfg, self.mcfg, self.world, fingerprint)
     if refused: raise ValueError(f"cannot resume {self.ckpt_path} exactly: {'; '.join(refused)} (keep them, or start a new run in another --out)")
     for change in allowed: self.say(f"resuming with {change}")
     stored = set(state.get('callbacks', [k for k in ('sampling_times',) if k in state]))   # earlier checkpoints have no list
@@ -419,9 +438,10 @@ def restore(self:Trainer, state:dict, # a checkpoint written by `Trainer.checkpo
     if self.time_proposal is not None: self.time_proposal.load_state_dict(state['time_proposal'])
     if self.step > self.cfg.steps: raise ValueError(f"checkpoint is at step {self.step}, beyond --steps {self.cfg.steps}; ask for at least {self.step} steps to continue")
 
-# %% ../nbs/12_training.ipynb #7a1e0006
-TERMS = ('bpd', 'diffusion', 'recon', 'prior', 'latent')
+# %% ../nbs/12_training.ipynb #18526ec4
+TERMS = ('bpd', 'diffusion', 'recon', 'prior', 'latent')   # the per-image terms a training step sums, in this order
 
+# %% ../nbs/12_training.ipynb #7a1e0006
 @patch
 def one_step(self:Trainer) -> Tensor:
     "One optimiser step on batch `self.step`; returns the sums over the global batch of the five terms (bpd, diffusion, recon, prior, latent; importance-weighted with `time_sampling='importance'`)."

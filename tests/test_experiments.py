@@ -33,6 +33,9 @@ def test_compare_on_a_npy_set_summarises_its_runs_and_skips_them_when_run_again(
         assert math.isclose(row['ode_bpd'], mean([mean(o['ode']) for o in odes]))
         assert math.isclose(row['ode_minus_elbo'], mean(diffs)) and math.isclose(row['ode_minus_elbo_se'], abs(diffs[0] - diffs[1]) / 2)
         assert [s for s, _ in row['mean_curve']] == [2, 4] and math.isclose(row['mean_curve'][-1][1], row['test_bpd'], rel_tol=1e-6)
+        checked = [abs(e) for o in odes for e in o['solver_error']]   # both images of each seed solved again at a 10x tighter tolerance
+        assert len(checked) == 4 and all(len(o['check_nfe']) == 2 for o in odes) and 'dopri5, rtol=1e-05' in odes[0]['note']
+        assert math.isclose(row['ode_solver_error'], mean(checked)) and row['ode_solver_error_max'] == max(checked) and 0 < max(checked) < 0.5
     ratio = summary['steps_ratio']
     assert math.isclose(ratio['vdm_final_bpd'], rows['vdm-scalar']['test_bpd'])
     (s0, b0), (s1, b1) = rows['mulan']['mean_curve']
@@ -40,6 +43,7 @@ def test_compare_on_a_npy_set_summarises_its_runs_and_skips_them_when_run_again(
     reach = s0 if b0 <= target else s0 + (s1 - s0) * (b0 - target) / (b0 - b1) if b1 <= target else None
     assert ratio['mulan_steps_to_reach'] == reach or math.isclose(ratio['mulan_steps_to_reach'], reach)
     assert (results / 'blobs.md').read_text().count('| vdm-scalar |') == 1 and (results / 'blobs-gamma-maps.npz').exists()
+    assert f"| {rows['mulan']['ode_solver_error']:.1e} / {rows['mulan']['ode_solver_error_max']:.1e} |" in (results / 'blobs.md').read_text()
     stamps = {p: p.stat().st_mtime_ns for p in runs.rglob('*')}
     compare(*args)   # everything is done: nothing is trained or solved again, and the summary is the same
     assert {p: p.stat().st_mtime_ns for p in runs.rglob('*')} == stamps
