@@ -11,7 +11,8 @@ At every evaluation step that both runs reached it reports each test bpd (the pe
 of (t, ε, c) per test image, EMA weights; the final one of a finished run is the dense ELBO with 128 draws), the gap
 MuLAN − VDM, and the steps each run needed to reach the other's bpd at the last common step (linear between
 evaluations). The two runs are evaluated on the same test images, so the standard error of the gap given here, from
-the two standard errors over images as if independent, is an upper bound on the gap's own.
+the two standard errors over images as if independent, is an upper bound on the gap's own when the two runs' per-image
+bpd correlate positively (as the same images make likely; the per-image values are not logged, so this is not checked).
 """
 import argparse, json, math, sys
 from pathlib import Path
@@ -19,15 +20,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / 'experiments'))
 from compare import steps_to_reach
+from mulan_nb.training import _read_jsonl
 
 
 def eval_curve(run:Path) -> list[dict]:
     "The evaluation rows of a run's metrics.jsonl, by step (a resumed run's repeated step keeps its last row)."
     path = run / 'metrics.jsonl'
     if not path.exists(): raise FileNotFoundError(f"{path} is missing: start the runs with experiments/compare.py (see this script's docstring)")
-    rows = {}
-    for line in path.read_text().splitlines():
-        if line.strip() and (m := json.loads(line)).get('kind') == 'eval': rows[m['step']] = m
+    rows = {m['step']: m for m in _read_jsonl(path)[0] if m.get('kind') == 'eval'}   # a torn last line (a run killed while logging) is dropped
     return [rows[s] for s in sorted(rows)]
 
 
@@ -49,7 +49,7 @@ def markdown(summary:dict) -> str:
     a, b = summary['names']
     lines = [f"digits, {summary['planned_steps']} steps planned, seed {summary['seed']}; {', '.join(f'{n} at step {s}' for n, s in summary['reached'].items())}. "
              "Test bpd: NELBO with 8 draws of (t, ε, c) per test image at the periodic evaluations (128 at a finished run's last), EMA weights; "
-             "the gap's se combines the two se's over images as if independent (an upper bound: the images are the same).", '',
+             "the gap's se combines the two se's over images as if independent (an upper bound when the runs' per-image bpd correlate positively, as the same images make likely).", '',
              f'| step | {a} | {b} | {b} − {a} |', '|---|---|---|---|']
     lines += [f"| {r['step']} | {r[f'{a}_bpd']:.4f} | {r[f'{b}_bpd']:.4f} | {r['gap']:+.4f} ± {r['gap_se']:.4f} |" for r in summary['rows']]
     s = summary['last_common_step']

@@ -220,7 +220,7 @@ def _eval_source(a, official_dests:dict) -> tuple:
         model, state = model_from_checkpoint(a.checkpoint, ema=not a.raw, map_location=a.device)
         run = state['train']
         return model, dict(checkpoint=str(a.checkpoint), step=state['step'], preset=run['preset']), run, Path(a.checkpoint)
-    if a.data is None: raise ValueError("--official needs --data: cifar10 (with --root) or an .npz of the images (ImageNet-32: see 'Reproducing the paper')")
+    if a.data is None: raise ValueError("--official needs --data: cifar10 or imagenet32 (with --root), or an .npz of the images")
     run = dict(data=a.data, root=a.root, K=256)
     shape = load_data(a.data, a.split, a.root, 256).data_shape   # the official files fix only C and H·W (VDM's not even that): the images give (C, H, W)
     model, info = load_official(a.official, data_shape=shape, ema=not a.raw, device=a.device, **{name: getattr(a, dest) for dest, name in official_dests.items()})
@@ -258,6 +258,7 @@ def _eval_ode(a, model, x, ode_kw) -> tuple:
                  solver_error_images=len(checked), check_nfe=[n for r in rs for n in r.check_nfe],
                  solver_error_note=(f"estimated, not bounded: |bpd - bpd solved again at rtol/10, atol/10| (same c, z_0, probes), mean and max over "
                                     f"the first {len(checked)} image(s)" if len(checked) else 'not estimated (--check-images 0)'),
+                 per_image_latent_bpd=torch.cat([r.latent_bpd for r in rs]).tolist(),
                  per_image_solver_error=solver_error.tolist())   # NaN (null in the JSON) for the images not checked
     return torch.cat([r.bpd for r in rs]).float(), nfe, rs[0].note, extra
 
@@ -294,7 +295,7 @@ def eval_main(argv:list[str]|None=None) -> int:
             extra = dict(mc_se=res.mean_sem, **{f'{k}_bpd': v.mean().item() for k, v in res.terms.items()})
         else:
             per_image, nfe, note, extra = _eval_ode(a, model, x, {name: getattr(a, dest) for dest, name in ode_dests.items()})
-            latent = torch.tensor(extra['latent_bpd'])
+            latent = torch.tensor(extra['per_image_latent_bpd'])
         seconds, n, se = time.perf_counter() - t0, len(per_image), standard_error(per_image)
         result = dict(**source, weights='raw' if a.raw else 'EMA',
                       data=a.data or run['data'], split=a.split, n_images=n, method=a.method, bpd=per_image.mean().item(), se=se,

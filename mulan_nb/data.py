@@ -134,7 +134,7 @@ def tfrecord_records(data:bytes, # the whole contents of a TFRecord file
     view, records, at = memoryview(data), [], 0
     while at < len(view):
         n = len(records)
-        if len(view) - at < 12: raise ValueError(f"{name}: cut short after record {n - 1} ({len(view) - at} stray bytes)")
+        if len(view) - at < 12: raise ValueError(f"{name}: cut short after record {n - 1} ({len(view) - at} stray bytes)" if n else f"{name}: not a TFRecord file ({len(view)} bytes, no complete record)")
         length, crc = struct.unpack_from('<QI', view, at)
         if masked_crc32c(view[at:at + 8]) != crc: raise ValueError(f"{name}: record {n} is damaged (the checksum of its length does not match; not a TFRecord file?)")
         end = at + 12 + length
@@ -215,6 +215,7 @@ def imagenet32_files(root:str|Path, # the folder holding the data
                      split:str='train', # 'train' or 'test' (the validation images)
                     ) -> tuple[str, list[Path]]:
     "The form ('tfrecord' or 'png') and the files of an ImageNet-32 split: TFDS's shards in `root` or `root/downsampled_imagenet/32x32/<version>` (a complete set), else `root/<train|valid>_32x32/*.png`, in name order; a `FileNotFoundError` naming what is expected."
+    if split not in IMAGENET32: raise ValueError(f"unknown imagenet32 split {split!r}: choose 'train' or 'test' (the validation images)")
     folder, tfds = IMAGENET32[split]
     pattern = f'downsampled_imagenet-{tfds}.tfrecord-*-of-*'
     shards = sorted([*Path(root).glob(pattern), *Path(root).glob(f'downsampled_imagenet/32x32/*/{pattern}')])
@@ -247,6 +248,7 @@ def read_imagenet32(form:str, # 'tfrecord' or 'png', as `imagenet32_files` says
     "Every image of the files, in order, decoded straight into one uint8 array (N, 3, 32, 32) sized beforehand (record counts from the frames)."
     from tqdm.auto import tqdm
     n = sum(map(tfrecord_count, files)) if form == 'tfrecord' else len(files)
+    if n == 0: raise ValueError(f"{files[0].parent}: the {form} files hold no images")
     images = np.empty((n, 3, 32, 32), np.uint8)
     def pngs():   # (name, PNG bytes) of each image
         for f in files:
@@ -274,7 +276,7 @@ def load_imagenet32(root:str|Path|None, # the folder holding the data (see `imag
     cache = root / f'imagenet32-{split}-{form}-{files_signature(files)}.npy'
     if cache.exists():
         try: return ImageData(torch.from_numpy(np.load(cache, allow_pickle=False)), 256, f'imagenet32-{split}')
-        except Exception as e: warnings.warn(f"{cache}: unreadable cache ({type(e).__name__}: {str(e)[:80]}), reading the images again")
+        except (OSError, ValueError, EOFError) as e: warnings.warn(f"{cache}: unreadable cache ({type(e).__name__}: {str(e)[:80]}), reading the images again")
     images = read_imagenet32(form, files, progress)
     try:
         write_atomic(cache, lambda fh: np.save(fh, images), 'wb')

@@ -8,7 +8,7 @@ import numpy as np
 import pytest, torch
 from PIL import Image
 import mulan_nb.data as data_module
-from mulan_nb.data import load_data, load_imagenet32
+from mulan_nb.data import load_data, load_imagenet32, tfrecord_records, imagenet32_files
 from conftest import run_cli, QUIET, TINY_MODEL
 
 # --- an independent writer: CRC-32C by table, tf.train.Example by hand --------------------------------------------
@@ -105,6 +105,7 @@ def test_the_cache_is_read_instead_of_the_files_and_renewed_when_one_changes(tmp
         m.setattr(data_module, 'png_levels', refuse)
         assert torch.equal(load_imagenet32(tmp_path, 'train', progress=False).images, first.images)
         paths[2].write_bytes(png_bytes(imgs[0]))                                  # one image replaced
+        st = paths[2].stat(); os.utime(paths[2], ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))   # a coarse clock would not see it: the signature is names, sizes, mtimes
         with pytest.raises(AssertionError, match='decoded a PNG'): load_imagenet32(tmp_path, 'train', progress=False)
     renewed = load_imagenet32(tmp_path, 'train', progress=False)
     assert np.array_equal(renewed.images[2].numpy(), imgs[0].transpose(2, 0, 1))
@@ -160,3 +161,12 @@ def test_mulan_train_and_eval_read_imagenet32_from_root(tmp_path):
     assert state['config']['data_shape'] == (3, 32, 32) and state['config']['K'] == 256 and state['train']['root'] == str(root)
     code, err = run_cli(eval_main, [str(out / 'checkpoint.pt'), '--n-t', '1', '--first', '2', '--no-progress'])
     assert code == 0, err
+
+
+def test_a_file_that_is_not_a_tfrecord_an_unknown_split_and_an_empty_set_are_named(tmp_path):
+    with pytest.raises(ValueError) as e: tfrecord_records(b'12345', 'f.tfrecord')
+    assert str(e.value) == 'f.tfrecord: not a TFRecord file (5 bytes, no complete record)'
+    with pytest.raises(ValueError, match="unknown imagenet32 split 'validation': choose 'train' or 'test'"): imagenet32_files(tmp_path, 'validation')
+    (tmp_path / 'downsampled_imagenet-train.tfrecord-00000-of-00001').write_bytes(b'')   # a shard set holding no record
+    with pytest.raises(ValueError, match='the tfrecord files hold no images'): load_data('imagenet32', 'train', root=tmp_path)
+    assert not list(tmp_path.glob('*.npy'))   # nothing cached

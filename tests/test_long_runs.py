@@ -30,6 +30,13 @@ def test_the_table_gap_and_steps_to_reach_match_a_hand_computation(tmp_path):
     assert '| 200 | 2.0000 | 1.9000 | -0.1000 ±' in out.with_suffix('.md').read_text() and out.with_suffix('.png').stat().st_size > 1000
 
 
+def test_a_run_killed_while_logging_is_read_up_to_its_torn_line(tmp_path):
+    write_log(tmp_path / 'vdm-scalar-s0', [(100, 3.0), (200, 2.0)])
+    write_log(tmp_path / 'mulan-s0', [(100, 2.8), (200, 1.9)])
+    with open(tmp_path / 'mulan-s0' / 'metrics.jsonl', 'a') as f: f.write('{"kind": "eval", "step": 300, "bp')   # killed mid-line
+    assert [r['step'] for r in long_runs.eval_curve(tmp_path / 'mulan-s0')] == [100, 200]
+
+
 def test_a_missing_run_is_named(tmp_path):
     write_log(tmp_path / 'vdm-scalar-s0', [(100, 3.0)])
     r = subprocess.run([sys.executable, str(ROOT / 'experiments' / 'long_runs.py'), '--runs', str(tmp_path), '--results', str(tmp_path / 'r')],

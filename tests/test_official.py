@@ -263,9 +263,14 @@ def test_eval_official_ode_reports_both_accountings(official_run):
     code, _, err = _eval(_tiny(official_run, '--latent-k', '3', '--method', 'ode', '--solver', 'dopri5', '--rtol', '0.1', '--atol', '0.1',
                                '--check-images', '0', '--ode-batch', '4', '--out', str(out_file)))
     assert code == 0, err
-    acc = json.loads(out_file.read_text())['kl_accountings']
+    res = json.loads(out_file.read_text()); acc = res['kl_accountings']
     assert acc['bound']['bpd'] - acc['softmax']['bpd'] == pytest.approx(_surrogate_to_bound_gap().mean(), abs=1e-6)
     assert acc['softmax']['bpd'] < acc['bound']['bpd']
+    np.testing.assert_allclose(res['per_image_latent_bpd'], _fixture('mulan_tiny.npz')['f64/topk/kl_softmax'] / D_NATS, rtol=1e-4)   # its own: the surrogate
+    bound_per_image = np.array(res['per_image_bpd']) + _surrogate_to_bound_gap()   # image by image, the surrogate swapped for log C(m, k)
+    se = lambda v: v.std(ddof=1) / math.sqrt(len(v))
+    right, with_the_mean = se(bound_per_image), se(np.array(res['per_image_bpd']))   # the latter: the mean latent term swapped instead
+    assert abs(right - with_the_mean) > 1e-6 and abs(acc['bound']['se'] - right) < abs(right - with_the_mean) / 10, (acc['bound']['se'], right, with_the_mean)
 
 
 def test_eval_official_vdm_has_one_accounting(official_run):
