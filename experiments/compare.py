@@ -14,9 +14,11 @@ of `train`); the spread reported is the standard error over seeds. Curves: the p
 `--ode-samples`, cut at 3σ_0 or at the bin's edges; Hutchinson divergence with one probe, dopri5 at rtol = atol = 1e-5, float64 state) on the first `--ode-images` test images of each seed,
 next to the dense ELBO of the same images, with the solver error estimated on the first `--ode-check-images` of them (solved again at a 10× tighter tolerance).
 """
-import argparse, json, math, os, statistics, sys, time
+import argparse, json, os, sys, time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from sweep import mean_se   # the mean and its standard error over seeds, shared by the experiments
 
 CONFIGS = {   # name: (preset, model overrides); the order is the table's
     'vdm-linear': ('digits-vdm', dict(schedule='linear')),
@@ -106,12 +108,6 @@ def save_gamma_maps(checkpoint, a, path, n_images=4, n_t=101):
         gammas = [model.gamma(t, None if c is None else c[i:i + 1].expand(n_t, -1))[0].expand(n_t, *model.config.data_shape) for i in range(n_images)]
     np.savez_compressed(path, images=x.numpy(), t=t.numpy(), gamma=torch.stack(gammas).numpy(), K=model.config.K, step=state['step'],
                         gamma_min=model.config.gamma_min, gamma_max=model.config.gamma_max)
-
-
-def mean_se(values):
-    "Mean and its standard error (sample std / √n; NaN for one value)."
-    n = len(values)
-    return statistics.fmean(values), (statistics.stdev(values) / math.sqrt(n) if n > 1 else float('nan'))
 
 
 def steps_to_reach(curve, target):
