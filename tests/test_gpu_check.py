@@ -35,7 +35,8 @@ def test_the_tiny_check_prints_one_complete_table_and_the_resume_is_exact():
     for vdm, mulan in zip(train[::2], train[1::2]):                                                            # the pair of one setting
         assert (vdm['preset'], mulan['preset']) == tuple(presets) and vdm['MuLAN/VDM'] == ''
         if mulan['compile'] == 'no':
-            assert math.isclose(float(mulan['MuLAN/VDM']), float(mulan['time (s)']) / float(vdm['time (s)']), rel_tol=5e-3, abs_tol=2e-3), (vdm, mulan)
+            m, v, h = float(mulan['time (s)']), float(vdm['time (s)']), 5e-5                               # times printed to 4 decimals
+            assert (m - h) / (v + h) - 5e-4 - 1e-9 <= float(mulan['MuLAN/VDM']) <= (m + h) / (v - h) + 5e-4 + 1e-9, (vdm, mulan)   # the ratio of the unrounded medians, to 3 decimals
     elbo, ode = ([x for x in rows if x['check'] == c] for c in ('dense ELBO', 'ODE'))
     assert [x['preset'] for x in elbo] == presets == [x['preset'] for x in ode]
     for x in elbo: assert int(x['NFE']) == int(x['batch']) * 2 and math.isfinite(float(x['result'].split(' bpd')[0]))   # one call per image and draw
