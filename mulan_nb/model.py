@@ -4,8 +4,9 @@
 
 # %% auto #0
 __all__ = ['SCHEDULES', 'PRESETS', 'CHECKPOINT_FORMAT', 'UNCHECKSUMMED_FORMATS', 'check_field_types', 'MuLANConfig', 'MuLAN',
-           'check_times_per_image', 'parameter_counts', 'demo', 'state_checksum', 'write_atomic', 'save_checkpoint',
-           'check_device', 'load_checkpoint', 'model_from_checkpoint']
+           'check_times_per_image', 'parameter_counts', 'demo', 'state_checksum', 'pid_alive',
+           'remove_stale_temporaries', 'write_atomic', 'save_checkpoint', 'check_device', 'load_checkpoint',
+           'model_from_checkpoint']
 
 # %% ../nbs/05_model.ipynb #fba82b49
 import dataclasses, hashlib, math, os, pickle, typing
@@ -303,13 +304,36 @@ def state_checksum(state, # nested dicts / lists of tensors and plain values
     walk('', state)
     return h.hexdigest()
 
+# %% ../nbs/05_model.ipynb #0f257af2
+def pid_alive(pid:int, # a process id on this machine
+             ) -> bool:
+    "Whether process `pid` is running on this machine (another user's counts as running; on Windows, where `os.kill` would end it, always True)."
+    if os.name == 'nt': return True
+    try: os.kill(pid, 0)
+    except ProcessLookupError: return False
+    except PermissionError: return True
+    return True
+
+# %% ../nbs/05_model.ipynb #40d53be6
+def remove_stale_temporaries(path:str|Path, # a file that `write_atomic` writes
+                            ) -> list[Path]:
+    "Delete the temporaries `<path>.tmp<PID>` that a killed `write_atomic` (SIGKILL, power loss) left beside `path`: those whose process is gone. Returns the deleted files."
+    path, gone = Path(path), []
+    if not path.parent.is_dir(): return gone
+    for tmp in path.parent.iterdir():
+        pid = tmp.name[len(path.name) + 4:] if tmp.name.startswith(path.name + '.tmp') else ''
+        if pid.isdigit() and int(pid) != os.getpid() and not pid_alive(int(pid)):
+            tmp.unlink(missing_ok=True); gone.append(tmp)
+    return gone
+
 # %% ../nbs/05_model.ipynb #8a30fb5a
 def write_atomic(path:str|Path, # where the data goes (its folder is created)
                  write, # write(file object)
                  mode:str='w', # 'w' for text, 'wb' for bytes
                 ) -> None:
-    "Write through a temporary file in the same folder, fsync and rename: `path` holds the old contents or the new ones, never part; an interrupted write leaves no temporary file."
+    "Write through a temporary file in the same folder, fsync and rename: `path` holds the old contents or the new ones, never part; an interrupted write leaves no temporary file, and one left by a killed process goes at the next write."
     path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(path)
     tmp = path.with_name(path.name + f'.tmp{os.getpid()}')
     try:
         with open(tmp, mode) as fh:
