@@ -26,13 +26,15 @@ lacks at their defaults). Runs go to --runs/{config}-{sampling}-s{seed}, seed by
 finished runs are skipped, killed ones resume from checkpoint.pt, a finished variance measurement is read from
 --runs/variance-{config}.json. The summary goes to --results/importance-time.{json,md} after every finished piece.
 """
-import argparse, json, math, statistics, sys, time
+import json, math, statistics, sys, time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / 'experiments'))
+from sweep import TERMS, experiment_parser, add_folder_arguments, parse_run_arguments, Summary
+
 CONFIGS = {'vdm': 'digits-vdm', 'mulan': 'digits-mulan'}
 SAMPLINGS = ('uniform', 'importance')
-TERMS = ('diffusion_bpd', 'recon_bpd', 'prior_bpd', 'latent_bpd')
 
 
 def rel(path):
@@ -235,13 +237,7 @@ def markdown(summary):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-    p.add_argument('--data', default='digits')
-    p.add_argument('--configs', nargs='*', default=list(CONFIGS), help=f'subset of {list(CONFIGS)}')
-    p.add_argument('--seeds', type=int, nargs='*', default=[0, 1, 2])
-    p.add_argument('--steps', type=int, default=1000); p.add_argument('--batch-size', type=int, default=64)
-    p.add_argument('--eval-every', type=int, default=100); p.add_argument('--eval-n-t', type=int, default=8)
-    p.add_argument('--final-n-t', type=int, default=128); p.add_argument('--n-samples', type=int, default=0)
+    p = experiment_parser(__doc__, '--configs', CONFIGS, help=f'subset of {list(CONFIGS)}')
     p.add_argument('--fit-batches', type=int, default=300, help='(a): batches of uniform t that fit the proposal')
     p.add_argument('--fixed-batches', type=int, default=4, help='(a): fixed batches of images whose NELBO variance is measured')
     p.add_argument('--draws', type=int, default=250, help='(a): draws of (t, ε, c) per fixed batch and method')
@@ -250,41 +246,28 @@ def main(argv=None):
     p.add_argument('--mulan-checkpoint', default=str(ROOT / 'experiments/runs/schedule-init/random-s0/checkpoint.pt'), help='(a): the MuLAN checkpoint')
     p.add_argument('--skip-variance', action='store_true', help='train only')
     p.add_argument('--jobs', type=int, default=1, help='only 1: runs go one after another (one thread)')
-    p.add_argument('--runs', default=str(ROOT / 'experiments/runs/importance-time'))
-    p.add_argument('--reuse', default=str(ROOT / 'experiments/runs/schedule-init'), help="finished digits-mulan runs random-s{seed} standing for MuLAN with uniform t ('' : none)")
-    p.add_argument('--results', default=str(ROOT / 'experiments/results'))
+    add_folder_arguments(p, 'importance-time', reuse_help="finished digits-mulan runs random-s{seed} standing for MuLAN with uniform t ('' : none)")
     p.add_argument('--summary-only', action='store_true', help='train and measure nothing; summarise what is finished')
-    a = vars(p.parse_args(argv))
-    if set(a['configs']) - set(CONFIGS): p.error(f"unknown configs {sorted(set(a['configs']) - set(CONFIGS))}: choose from {list(CONFIGS)}")
+    a = parse_run_arguments(p, argv, configs=list(CONFIGS))
     if a['jobs'] != 1: p.error('--jobs: only 1 (the runs share the machine with others)')
     import torch, mulan_nb
     torch.set_num_threads(1)
     print(f"mulan_nb from {mulan_nb.__file__}", flush=True)
-    out = Path(a['results']); out.mkdir(parents=True, exist_ok=True)
-    t0, records, variances = time.perf_counter(), [], {}
+    variances = {}
     order = [(c, s, seed) for seed in a['seeds'] for c, s in (('vdm', 'uniform'), ('vdm', 'importance'), ('mulan', 'importance'), ('mulan', 'uniform')) if c in a['configs']]
-    def write():
-        summary = summarise(records, variances, a)
-        summary.update(wall_seconds_this_call=time.perf_counter() - t0, runs_done=len(records), runs_planned=len(order),
-                       command='OMP_NUM_THREADS=1 python experiments/importance_time.py ' + ' '.join(sys.argv[1:] if argv is None else argv))
-        (out / 'importance-time.json').write_text(json.dumps(summary, indent=1))
-        (out / 'importance-time.md').write_text(markdown(summary))
-        return summary
+    summary = Summary('importance_time.py', argv, a['results'], len(order), lambda rs: summarise(rs, variances, a), markdown)
     def measure(config, checkpoint):
         if a['skip_variance'] and not a['summary_only'] or config not in a['configs']: return
         variances[config] = variance(config, checkpoint, a)
         if variances[config]: print(f"{config}: Var importance / uniform = {variances[config]['ratio']:.3f} ± {variances[config]['ratio_se']:.3f}", flush=True)
-        write()
+        summary.write()
     measure('mulan', a['mulan_checkpoint'])
     for config, sampling, seed in order:
         r = train_run(config, sampling, seed, a)
         if r is not None:
-            records.append(r)
-            print(f"{config} {sampling:10s} seed {seed}: test bpd {r['test_bpd']:.4f} ± {r['test_se']:.4f} ({r['seconds_this_call']:.0f} s this call)", flush=True)
-            write()
+            summary.add(r, f"{config} {sampling:10s} seed {seed}: test bpd {r['test_bpd']:.4f} ± {r['test_se']:.4f} ({r['seconds_this_call']:.0f} s this call)")
         if (config, sampling, seed) == ('vdm', 'uniform', 0): measure('vdm', run_folder('vdm', 'uniform', 0, a) / 'checkpoint.pt')
-    summary = write()
-    print(markdown(summary)); print(f"{len(records)} runs, {summary['wall_seconds_this_call']:.0f} s this call; {out / 'importance-time.json'}")
+    summary.finish(need_runs=False)
 
 
 if __name__ == '__main__':

@@ -26,12 +26,12 @@ term from experiments/results/schedule-init.json (its 'random' runs reproduce th
 Runs go to --runs/{config}-s{seed} (one configuration's seeds after the other, in the order above); finished runs are
 skipped, killed ones resume. The summary goes to --results/official-config.{json,md,png}; nbs/16_experiments.ipynb reads it.
 """
-import argparse, json, math, statistics, sys, time
+import json, math, statistics, sys, time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / 'experiments'))
-from sweep import TERMS, mean_se, train_run, run_record
+from sweep import TERMS, mean_se, train_run, run_record, experiment_parser, add_folder_arguments, parse_run_arguments, Summary
 
 OFFICIAL = dict(kl='softmax', prediction='v', encoder_channels=48)
 CONFIGS = {   # name: (preset, model overrides, what); the order is the table's and the runs'
@@ -265,46 +265,24 @@ def figure(summary, path):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-    p.add_argument('--data', default='digits')
-    p.add_argument('--configs', nargs='*', default=list(CONFIGS))
-    p.add_argument('--seeds', type=int, nargs='*', default=[0, 1, 2])
-    p.add_argument('--steps', type=int, default=1000); p.add_argument('--batch-size', type=int, default=64)
-    p.add_argument('--eval-every', type=int, default=100); p.add_argument('--eval-n-t', type=int, default=8)
-    p.add_argument('--final-n-t', type=int, default=128); p.add_argument('--n-samples', type=int, default=0)
-    p.add_argument('--runs', default=str(ROOT / 'experiments/runs/official-config'))
-    p.add_argument('--results', default=str(ROOT / 'experiments/results'))
+    p = experiment_parser(__doc__, '--configs', CONFIGS)
+    add_folder_arguments(p, 'official-config')
     p.add_argument('--sweep-results', default=str(ROOT / 'experiments/results/digits.json'), help="compare.py's summary with the VDM and MuLAN rows")
     p.add_argument('--init-results', default=str(ROOT / 'experiments/results/schedule-init.json'), help="schedule_init.py's summary (MuLAN's latent term)")
     p.add_argument('--summary-only', action='store_true', help='train nothing; summarise the finished runs')
-    a = vars(p.parse_args(argv))
-    if set(a['configs']) - set(CONFIGS): p.error(f"unknown configs {sorted(set(a['configs']) - set(CONFIGS))}: choose from {list(CONFIGS)}")
+    a = parse_run_arguments(p, argv, configs=list(CONFIGS))
     import mulan_nb
     print(f"mulan_nb from {mulan_nb.__file__}", flush=True)
-    out = Path(a['results']); out.mkdir(parents=True, exist_ok=True)
-    t0, records = time.perf_counter(), []
-    def write():
-        summary = summarise(records, a)
-        summary.update(wall_seconds_this_call=time.perf_counter() - t0, runs_done=len(records), runs_planned=len(a['configs']) * len(a['seeds']),
-                       command='OMP_NUM_THREADS=1 python experiments/official_config.py ' + ' '.join(sys.argv[1:] if argv is None else argv))
-        (out / 'official-config.json').write_text(json.dumps(summary, indent=1))
-        (out / 'official-config.md').write_text(markdown(summary))
-        figure(summary, out / 'official-config.png')
-        return summary
+    summary = Summary('official_config.py', argv, a['results'], len(a['configs']) * len(a['seeds']), lambda rs: summarise(rs, a), markdown, figure)
     for name in [n for n in CONFIGS if n in a['configs']]:
         for seed in a['seeds']:
             try: r = run_one(name, seed, a)
             except ValueError as e: p.exit(2, f"official_config.py: error: {e}\n")
             if r is None: continue
-            records.append(r)
-            acc = run_accountings(r)
-            v = ''.join(f"; {k} {x['bpd']:.4f}" for k, x in acc.items() if k != 'as_trained')
-            print(f"{name:14s} seed {seed}: test bpd {r['test_bpd']:.4f} ± {r['test_se']:.4f} (latent {r['terms']['latent_bpd']:.4f}){v} "
-                  f"({r['seconds_this_call']:.0f} s)", flush=True)
-            write()
-    if not records: p.exit(1, 'official_config.py: no finished runs\n')
-    summary = write()
-    print(markdown(summary)); print(f"{len(records)} runs, {summary['wall_seconds_this_call']:.0f} s this call; {out / 'official-config.json'}")
+            v = ''.join(f"; {k} {x['bpd']:.4f}" for k, x in run_accountings(r).items() if k != 'as_trained')
+            summary.add(r, f"{name:14s} seed {seed}: test bpd {r['test_bpd']:.4f} ± {r['test_se']:.4f} (latent {r['terms']['latent_bpd']:.4f}){v} "
+                           f"({r['seconds_this_call']:.0f} s)")
+    summary.finish()
 
 
 if __name__ == '__main__':

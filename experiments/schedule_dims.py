@@ -16,14 +16,16 @@ the summary says so. Other runs go to --runs/p{p}-s{seed}; finished runs (result
 resume from checkpoint.pt. Runs go seed by seed (seed 0 for every p first), so a sweep cut short leaves complete
 seeds. The summary goes to --results/schedule-dims.{json,md,png}; it is rewritten after every finished run.
 """
-import argparse, json, math, statistics, sys, time
+import json, math, statistics, sys, time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / 'experiments'))
+from sweep import TERMS, experiment_parser, add_folder_arguments, parse_run_arguments, Summary
+
 PRESET = 'digits-mulan'
 PATCHES = (8, 4, 2, 1)
-TERMS = ('diffusion_bpd', 'recon_bpd', 'prior_bpd', 'latent_bpd')
 
 
 def train_config(patch, seed, a, out):
@@ -160,46 +162,25 @@ def figure(summary, path):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-    p.add_argument('--data', default='digits')
-    p.add_argument('--patches', type=int, nargs='*', default=list(PATCHES), help='patch sides p (must divide 8)')
-    p.add_argument('--seeds', type=int, nargs='*', default=[0, 1, 2])
-    p.add_argument('--steps', type=int, default=1000); p.add_argument('--batch-size', type=int, default=64)
-    p.add_argument('--eval-every', type=int, default=100); p.add_argument('--eval-n-t', type=int, default=8)
-    p.add_argument('--final-n-t', type=int, default=128); p.add_argument('--n-samples', type=int, default=0)
+    p = experiment_parser(__doc__, '--patches', PATCHES, type=int, help='patch sides p (must divide 8)')
     p.add_argument('--jobs', type=int, default=1, help='runs in parallel (one thread each)')
-    p.add_argument('--runs', default=str(ROOT / 'experiments/runs/schedule-dims'))
-    p.add_argument('--reuse', default=str(ROOT / 'experiments/runs/schedule-init'), help="folder with schedule_init.py's random-s{seed} runs for p = 1 ('' for none)")
-    p.add_argument('--results', default=str(ROOT / 'experiments/results'))
+    add_folder_arguments(p, 'schedule-dims', reuse_help="folder with schedule_init.py's random-s{seed} runs for p = 1 ('' for none)")
     p.add_argument('--summary-only', action='store_true', help='train nothing; summarise the finished runs')
-    a = vars(p.parse_args(argv))
+    a = parse_run_arguments(p, argv)
     if a['data'] != 'digits' or any(q < 1 or 8 % q for q in a['patches']): p.error(f"this experiment is on 8×8 digits with patch sides dividing 8, got --data {a['data']} --patches {a['patches']}")
     import mulan_nb
     print(f"mulan_nb from {mulan_nb.__file__}", flush=True)
-    out = Path(a['results']); out.mkdir(parents=True, exist_ok=True)
     jobs = [(patch, seed, a) for seed in a['seeds'] for patch in a['patches']]   # seed by seed: a cut-short sweep leaves whole seeds
-    t0, records = time.perf_counter(), []
-    def write():
-        summary = summarise(records, a)
-        summary.update(wall_seconds_this_call=time.perf_counter() - t0, runs_done=len(records), runs_planned=len(jobs),
-                       command='OMP_NUM_THREADS=1 python experiments/schedule_dims.py ' + ' '.join(sys.argv[1:] if argv is None else argv))
-        (out / 'schedule-dims.json').write_text(json.dumps(summary, indent=1))
-        (out / 'schedule-dims.md').write_text(markdown(summary))
-        figure(summary, out / 'schedule-dims.png')
-        return summary
+    summary = Summary('schedule_dims.py', argv, a['results'], len(jobs), lambda rs: summarise(rs, a), markdown, figure)
     try:
         with ProcessPoolExecutor(a['jobs']) as pool:
             for r in (map if a['jobs'] == 1 else pool.map)(run_one, jobs):   # one job: in this process
                 if r is None: continue
-                records.append(r)
-                print(f"p {r['patch']} seed {r['seed']}: test bpd {r['test_bpd']:.4f} ± {r['test_se']:.4f}" + (' (reused)' if r['reused'] else '')
-                      + f" ({r['seconds_this_call']:.0f} s)", flush=True)
-                write()
+                summary.add(r, f"p {r['patch']} seed {r['seed']}: test bpd {r['test_bpd']:.4f} ± {r['test_se']:.4f}" + (' (reused)' if r['reused'] else '')
+                               + f" ({r['seconds_this_call']:.0f} s)")
     except ValueError as e:   # bad data or settings, as the library names them; the runs done so far are kept
         p.exit(2, f"schedule_dims.py: error: {e}\n")
-    if not records: p.exit(1, 'schedule_dims.py: no finished runs\n')
-    summary = write()
-    print(markdown(summary)); print(f"{len(records)} runs, {summary['wall_seconds_this_call']:.0f} s this call; {out / 'schedule-dims.json'}")
+    summary.finish()
 
 
 if __name__ == '__main__':

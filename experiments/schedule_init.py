@@ -16,10 +16,13 @@ images of γ); std with ddof = 0.
 Runs go to --runs/{init}-s{seed}; finished runs (result.json) are skipped, killed ones resume from checkpoint.pt.
 The summary goes to --results/schedule-init.{json,md,png}; nbs/16_experiments.ipynb reads the JSON.
 """
-import argparse, json, math, os, statistics, sys, time
+import json, statistics, sys, time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / 'experiments'))
+from sweep import mean_se, experiment_parser, add_folder_arguments, parse_run_arguments, Summary
+
 INITS = ('random', 'linear')
 T_SPREAD = 0.5
 SPREAD_SEED = 1234   # the generator of the draws c ~ q(c|x) for the spreads
@@ -89,12 +92,6 @@ def run_one(init, seed, a):
                 curve=[(m['step'], m['bpd']) for m in evals], spreads=result['gamma_spread']['rows'],
                 train_seconds=sum((m['step'] - prev) / m['steps_per_s'] for prev, m in zip([0] + [m['step'] for m in trains], trains)),
                 seconds_this_call=time.perf_counter() - t0)
-
-
-def mean_se(values):
-    "Mean and its standard error over seeds (sample std / √n; NaN for one value)."
-    n = len(values)
-    return statistics.fmean(values), (statistics.stdev(values) / math.sqrt(n) if n > 1 else float('nan'))
 
 
 def vdm_reference(a):
@@ -227,42 +224,21 @@ def figure(summary, path):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-    p.add_argument('--data', default='digits')
-    p.add_argument('--inits', nargs='*', default=list(INITS))
-    p.add_argument('--seeds', type=int, nargs='*', default=[0, 1, 2])
-    p.add_argument('--steps', type=int, default=1000); p.add_argument('--batch-size', type=int, default=64)
-    p.add_argument('--eval-every', type=int, default=100); p.add_argument('--eval-n-t', type=int, default=8)
-    p.add_argument('--final-n-t', type=int, default=128); p.add_argument('--n-samples', type=int, default=0)
-    p.add_argument('--runs', default=str(ROOT / 'experiments/runs/schedule-init'))
-    p.add_argument('--results', default=str(ROOT / 'experiments/results'))
+    p = experiment_parser(__doc__, '--inits', INITS)
+    add_folder_arguments(p, 'schedule-init')
     p.add_argument('--vdm-results', default=str(ROOT / 'experiments/results/digits.json'), help="compare.py's summary with the VDM rows")
     p.add_argument('--summary-only', action='store_true', help='train nothing; summarise the finished runs')
-    a = vars(p.parse_args(argv))
-    if set(a['inits']) - set(INITS): p.error(f"unknown inits {sorted(set(a['inits']) - set(INITS))}: choose from {INITS}")
+    a = parse_run_arguments(p, argv, inits=INITS)
     import mulan_nb
     print(f"mulan_nb from {mulan_nb.__file__}", flush=True)
-    out = Path(a['results']); out.mkdir(parents=True, exist_ok=True)
-    t0, records = time.perf_counter(), []
-    def write():
-        summary = summarise(records, a)
-        summary.update(wall_seconds_this_call=time.perf_counter() - t0, runs_done=len(records), runs_planned=len(a['inits']) * len(a['seeds']),
-                       command='OMP_NUM_THREADS=1 python experiments/schedule_init.py ' + ' '.join(sys.argv[1:] if argv is None else argv))
-        (out / 'schedule-init.json').write_text(json.dumps(summary, indent=1))
-        (out / 'schedule-init.md').write_text(markdown(summary))
-        figure(summary, out / 'schedule-init.png')
-        return summary
+    summary = Summary('schedule_init.py', argv, a['results'], len(a['inits']) * len(a['seeds']), lambda rs: summarise(rs, a), markdown, figure)
     for seed in a['seeds']:
         for init in a['inits']:
             r = run_one(init, seed, a)
             if r is None: continue
-            records.append(r)
-            print(f"{init:7s} seed {seed}: test bpd {r['test_bpd']:.4f} ± {r['test_se']:.4f}; spread over pixels "
-                  f"{r['spreads'][0]['over_pixels']:.3f} -> {r['spreads'][-1]['over_pixels']:.3f} ({r['seconds_this_call']:.0f} s)", flush=True)
-            write()
-    if not records: p.exit(1, 'schedule_init.py: no finished runs\n')
-    summary = write()
-    print(markdown(summary)); print(f"{len(records)} runs, {summary['wall_seconds_this_call']:.0f} s this call; {out / 'schedule-init.json'}")
+            summary.add(r, f"{init:7s} seed {seed}: test bpd {r['test_bpd']:.4f} ± {r['test_se']:.4f}; spread over pixels "
+                           f"{r['spreads'][0]['over_pixels']:.3f} -> {r['spreads'][-1]['over_pixels']:.3f} ({r['seconds_this_call']:.0f} s)")
+    summary.finish()
 
 
 if __name__ == '__main__':

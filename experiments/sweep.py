@@ -1,8 +1,11 @@
-"""The pieces that experiments/synthetic_structure.py and experiments/official_config.py share: train one run (or resume
-it, or skip it when finished, refusing a folder that holds another run), read its record back, and the mean with its
-standard error over seeds."""
-import json, math, statistics
+"""The pieces that the experiment scripts share: train one run (or resume it, or skip it when finished, refusing a
+folder that holds another run), read its record back, the mean with its standard error over seeds, the command-line
+parser of the 1000-step training settings and the folder flags, and the summary rewritten after every run."""
+import argparse, json, math, statistics, sys, time
 from pathlib import Path
+from mulan_nb.model import write_atomic
+
+ROOT = Path(__file__).resolve().parent.parent
 
 TERMS = ('diffusion_bpd', 'recon_bpd', 'prior_bpd', 'latent_bpd')
 
@@ -45,3 +48,72 @@ def run_record(out) -> dict:
                 parameters=result['parameters']['total'],
                 train_seconds=sum((m['step'] - prev) / m['steps_per_s'] for prev, m in zip([0] + [m['step'] for m in trains], trains)))
 
+
+def experiment_parser(doc:str,         # the script's docstring: its first line describes the parser
+                      choose:str,       # the list flag that picks what to run, e.g. '--configs'
+                      names,            # what it can pick, all by default
+                      steps:int=1000,   # the default of --steps
+                      data:bool=True,   # with --data (default digits)
+                      **options):       # more keywords of the list flag, e.g. help
+    "A parser with --data, the list flag `choose`, then --seeds, --steps, --batch-size, --eval-every, --eval-n-t, --final-n-t, --n-samples, defaulting to the settings of experiments/compare.py's 1000-step sweep."
+    p = argparse.ArgumentParser(description=doc.split('\n')[0])
+    if data: p.add_argument('--data', default='digits')
+    p.add_argument(choose, nargs='*', default=list(names), **options)
+    p.add_argument('--seeds', type=int, nargs='*', default=[0, 1, 2])
+    p.add_argument('--steps', type=int, default=steps); p.add_argument('--batch-size', type=int, default=64)
+    p.add_argument('--eval-every', type=int, default=100); p.add_argument('--eval-n-t', type=int, default=8)
+    p.add_argument('--final-n-t', type=int, default=128); p.add_argument('--n-samples', type=int, default=0)
+    return p
+
+
+def add_folder_arguments(p, runs:str, reuse_help:str|None=None):
+    "Add to the parser `p` --runs (default experiments/runs/`runs`), with `reuse_help` --reuse (default schedule_init.py's runs), and --results (default experiments/results)."
+    p.add_argument('--runs', default=str(ROOT / 'experiments/runs' / runs))
+    if reuse_help is not None: p.add_argument('--reuse', default=str(ROOT / 'experiments/runs/schedule-init'), help=reuse_help)
+    p.add_argument('--results', default=str(ROOT / 'experiments/results'))
+
+
+def parse_run_arguments(p, argv, **choices) -> dict:
+    "The arguments `argv` (None: sys.argv[1:]) parsed by `p`, as a dict; a list flag naming something outside its `choices` (flag name=the allowed names, shown as given) is refused with p.error."
+    a = vars(p.parse_args(argv))
+    for key, allowed in choices.items():
+        if set(a[key]) - set(allowed): p.error(f"unknown {key} {sorted(set(a[key]) - set(allowed))}: choose from {allowed}")
+    return a
+
+
+class Summary:
+    "An experiment's summary, rewritten after every finished run: results/{name}.json, .md and (with a figure) .png, `name` being the script's with '-' for '_'."
+    def __init__(self, script:str,     # the script's file name, e.g. 'official_config.py', for the summary's name and command line
+                 argv,                  # the arguments main got (None: sys.argv[1:]), for the command line
+                 results,               # the folder of the summary, made here
+                 runs_planned:int,      # how many runs this call means to have finished
+                 summarise,             # the records of the finished runs -> the summary (a dict)
+                 markdown,              # summary -> its Markdown table
+                 figure=None):          # (summary, path) -> draws the .png; None: no figure
+        self.script, self.summarise, self.markdown, self.figure, self.runs_planned = script, summarise, markdown, figure, runs_planned
+        self.command = f'OMP_NUM_THREADS=1 python experiments/{script} ' + ' '.join(sys.argv[1:] if argv is None else argv)
+        self.out, self.name, self.records = Path(results), Path(script).stem.replace('_', '-'), []
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.t0 = time.perf_counter()
+
+    def write(self) -> dict:
+        "Summarise the records so far, with the wall time since the start, the runs done and planned and the command line; write and return it."
+        summary = self.summarise(self.records)
+        summary.update(wall_seconds_this_call=time.perf_counter() - self.t0, runs_done=len(self.records), runs_planned=self.runs_planned, command=self.command)
+        text = json.dumps(summary, indent=1)
+        write_atomic(self.out / f'{self.name}.json', lambda fh: fh.write(text))   # a kill mid-write leaves the last summary whole
+        write_atomic(self.out / f'{self.name}.md', lambda fh: fh.write(self.markdown(summary)))
+        if self.figure is not None: self.figure(summary, self.out / f'{self.name}.png')
+        return summary
+
+    def add(self, record:dict, line:str):
+        "Keep the record of a finished run, print `line` about it and rewrite the summary."
+        self.records.append(record)
+        print(line, flush=True)
+        self.write()
+
+    def finish(self, need_runs:bool=True):
+        "Write the summary and print its Markdown and where it went; with `need_runs` and no finished run, exit with status 1 instead."
+        if need_runs and not self.records: sys.stderr.write(f'{self.script}: no finished runs\n'); sys.exit(1)
+        summary = self.write()
+        print(self.markdown(summary)); print(f"{len(self.records)} runs, {summary['wall_seconds_this_call']:.0f} s this call; {self.out / f'{self.name}.json'}")

@@ -27,13 +27,13 @@ Runs go to --runs/{config}-s{seed}; finished runs (result.json) are skipped, kil
 The summary goes to --results/synthetic-structure.{json,md,png} and the γ maps of the first seed to
 --results/synthetic-structure-gamma.npz; nbs/16_experiments.ipynb reads them.
 """
-import argparse, json, statistics, sys, time
+import statistics, sys, time
 from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / 'experiments'))
-from sweep import TERMS, mean_se, train_run, run_record
+from sweep import TERMS, mean_se, train_run, run_record, experiment_parser, add_folder_arguments, parse_run_arguments, Summary
 
 CONFIGS = {   # name: (preset, model overrides, what); the order is the table's
     'vdm': ('digits-vdm', {}, 'VDM: learned scalar γ, no latent'),
@@ -219,36 +219,23 @@ def figure(summary, shows, data, path):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-    p.add_argument('--configs', nargs='*', default=list(CONFIGS))
-    p.add_argument('--seeds', type=int, nargs='*', default=[0, 1, 2])
-    p.add_argument('--steps', type=int, default=500); p.add_argument('--batch-size', type=int, default=64)
-    p.add_argument('--eval-every', type=int, default=100); p.add_argument('--eval-n-t', type=int, default=8)
-    p.add_argument('--final-n-t', type=int, default=128); p.add_argument('--n-samples', type=int, default=0)
+    p = experiment_parser(__doc__, '--configs', CONFIGS, steps=500, data=False)
     p.add_argument('--n-train', type=int, default=1500); p.add_argument('--n-test', type=int, default=300)
     p.add_argument('--data-seed', type=int, default=0)
-    p.add_argument('--runs', default=str(ROOT / 'experiments/runs/synthetic-structure'))
-    p.add_argument('--results', default=str(ROOT / 'experiments/results'))
+    add_folder_arguments(p, 'synthetic-structure')
     p.add_argument('--summary-only', action='store_true', help='train nothing; summarise the finished runs')
-    a = vars(p.parse_args(argv))
-    if set(a['configs']) - set(CONFIGS): p.error(f"unknown configs {sorted(set(a['configs']) - set(CONFIGS))}: choose from {list(CONFIGS)}")
+    a = parse_run_arguments(p, argv, configs=list(CONFIGS))
     a['data_file'] = str(Path(a['runs']) / 'squares.npz')
     import mulan_nb
     print(f"mulan_nb from {mulan_nb.__file__}", flush=True)
-    out = Path(a['results']); out.mkdir(parents=True, exist_ok=True)
-    t0, records, shows = time.perf_counter(), [], {}
+    shows = {}
+    def pictures(summary, path):   # the γ maps of the first seed, then the figure (`data` is the one written just below)
+        np.savez_compressed(path.parent / 'synthetic-structure-gamma.npz', images=data['test'][:N_SHOW], masks=data['test_masks'][:N_SHOW],
+                            t=np.linspace(0, 1, N_T_SHOW), **{f'gamma_{n}': g for n, g in shows.items()})
+        figure(summary, shows, data, path)
+    summary = Summary('synthetic_structure.py', argv, a['results'], len(a['configs']) * len(a['seeds']), lambda rs: summarise(rs, a, data), markdown, pictures)
     try: data = write_data(Path(a['data_file']), a['n_train'], a['n_test'], a['data_seed'])
     except ValueError as e: p.exit(2, f"synthetic_structure.py: error: {e}\n")
-    def write():
-        summary = summarise(records, a, data)
-        summary.update(wall_seconds_this_call=time.perf_counter() - t0, runs_done=len(records), runs_planned=len(a['configs']) * len(a['seeds']),
-                       command='OMP_NUM_THREADS=1 python experiments/synthetic_structure.py ' + ' '.join(sys.argv[1:] if argv is None else argv))
-        (out / 'synthetic-structure.json').write_text(json.dumps(summary, indent=1))
-        (out / 'synthetic-structure.md').write_text(markdown(summary))
-        np.savez_compressed(out / 'synthetic-structure-gamma.npz', images=data['test'][:N_SHOW], masks=data['test_masks'][:N_SHOW],
-                            t=np.linspace(0, 1, N_T_SHOW), **{f'gamma_{n}': g for n, g in shows.items()})
-        figure(summary, shows, data, out / 'synthetic-structure.png')
-        return summary
     for seed in a['seeds']:
         for name in a['configs']:
             try: r = run_one(name, seed, a, data)
@@ -256,14 +243,10 @@ def main(argv=None):
             if r is None: continue
             g = r.pop('gamma_show')
             if seed == a['seeds'][0]: shows[name] = g.reshape(len(g), N_T_SHOW, -1)
-            records.append(r)
             s = r['structure']
-            print(f"{name:13s} seed {seed}: test bpd {r['test_bpd']:.4f} ± {r['test_se']:.4f}; AUC {s['auc']:.3f} (image-to-image {s['auc_adaptive']:.3f}) "
-                  f"({r['seconds_this_call']:.0f} s)", flush=True)
-            write()
-    if not records: p.exit(1, 'synthetic_structure.py: no finished runs\n')
-    summary = write()
-    print(markdown(summary)); print(f"{len(records)} runs, {summary['wall_seconds_this_call']:.0f} s this call; {out / 'synthetic-structure.json'}")
+            summary.add(r, f"{name:13s} seed {seed}: test bpd {r['test_bpd']:.4f} ± {r['test_se']:.4f}; AUC {s['auc']:.3f} (image-to-image {s['auc_adaptive']:.3f}) "
+                           f"({r['seconds_this_call']:.0f} s)")
+    summary.finish()
 
 
 if __name__ == '__main__':

@@ -213,24 +213,26 @@ def eval_parser() -> tuple[argparse.ArgumentParser, dict, dict, dict]:
 
 # %% ../nbs/18_cli.ipynb #3d80af4e
 def _eval_source(a, official_dests:dict) -> tuple:
-    "What `mulan_eval` evaluates: (model, entries that describe it in the result, the data set's defaults, the file never to overwrite), from a mulan_nb checkpoint or, with --official, an official one."
+    "What `mulan_eval` evaluates: (model, entries that describe it in the result, the data set's defaults, the file never to overwrite, the data set if it was loaded already), from a mulan_nb checkpoint or, with --official, an official one."
     if (a.checkpoint is None) == (a.official is None):
         raise ValueError("give either a mulan_nb checkpoint.pt or --official DIR (an official checkpoint folder), not " + ('both' if a.official else 'neither'))
     if a.official is None:
         model, state = model_from_checkpoint(a.checkpoint, ema=not a.raw, map_location=a.device)
         run = state['train']
-        return model, dict(checkpoint=str(a.checkpoint), step=state['step'], preset=run['preset']), run, Path(a.checkpoint)
+        return model, dict(checkpoint=str(a.checkpoint), step=state['step'], preset=run['preset']), run, Path(a.checkpoint), None
     if a.data is None: raise ValueError("--official needs --data: cifar10 or imagenet32 (with --root), or an .npz of the images")
     run = dict(data=a.data, root=a.root, K=256)
-    shape = load_data(a.data, a.split, a.root, 256).data_shape   # the official files fix only C and H·W (VDM's not even that): the images give (C, H, W)
-    model, info = load_official(a.official, data_shape=shape, ema=not a.raw, device=a.device, **{name: getattr(a, dest) for dest, name in official_dests.items()})
-    return model, dict(checkpoint=info['path'], step=info['step'], preset=f"official {info['kind']}", official=info), run, Path(info['path'])
+    data = load_data(a.data, a.split, a.root, 256)   # the official files fix only C and H·W (VDM's not even that): the images give (C, H, W)
+    model, info = load_official(a.official, data_shape=data.data_shape, ema=not a.raw, device=a.device, **{name: getattr(a, dest) for dest, name in official_dests.items()})
+    return model, dict(checkpoint=info['path'], step=info['step'], preset=f"official {info['kind']}", official=info), run, Path(info['path']), data
 
 # %% ../nbs/18_cli.ipynb #cda4320e
-def _eval_images(a, model, run) -> torch.Tensor:
+def _eval_images(a, model, run,
+                 data=None, # the data set, when `_eval_source` has loaded it (None: load it here)
+                ) -> torch.Tensor:
     "The images `mulan_eval` evaluates, checked against the model."
     if a.first < 0: raise ValueError(f"--first must be >= 0 (0: all images), got {a.first}")
-    data = load_data(a.data or run['data'], a.split, a.root or run['root'], run['K'])
+    if data is None: data = load_data(a.data or run['data'], a.split, a.root or run['root'], run['K'])
     if data.K != model.config.K or tuple(data.images.shape[1:]) != model.config.data_shape:
         raise ValueError(f"data set {a.data or run['data']!r} has {data.K} levels and images of shape {tuple(data.images.shape[1:])}; "
                          f"the model wants {model.config.K} and {model.config.data_shape}")
@@ -280,8 +282,8 @@ def eval_main(argv:list[str]|None=None) -> int:
     parser, elbo_dests, ode_dests, official_dests = eval_parser()
     a = parser.parse_args(argv)
     def body():
-        model, source, run, checkpoint = _eval_source(a, official_dests)
-        x = _eval_images(a, model, run)
+        model, source, run, checkpoint, data = _eval_source(a, official_dests)
+        x = _eval_images(a, model, run, data)
         suffix = f"-ckpt-{source['official']['number']}" if a.official else ''
         out = Path(a.out) if a.out else checkpoint.with_name(f'eval-{a.method}-{a.split}{suffix}.json')
         try: out.parent.mkdir(parents=True, exist_ok=True)
