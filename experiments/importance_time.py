@@ -14,8 +14,10 @@ the weights do not move), then --fixed-batches fixed batches of 64 training imag
 (stratified t, fresh ε and c) under uniform and under importance-sampled t. Reported: Var[batch NELBO] importance /
 uniform, pooled over the fixed batches (sum of variances over sum of variances), with a bootstrap standard error over
 the draws (--bootstrap resamples, draws resampled within each batch and each method), next to the ratio that the
-fitted histogram predicts for one image with i.i.d. t: (mean_b M_b/p_b − L²) / (mean_b M_b − L²). Checkpoints: MuLAN
-= experiments/runs/schedule-init/random-s0 (digits-mulan, 1000 steps, uniform t), VDM = this script's vdm-uniform-s0.
+fitted histogram predicts for one image with i.i.d. t: (mean_b M_b/p_b − L²) / (mean_b M_b − L²). Checkpoints: the
+uniform-t runs of the training seeds --variance-seeds after 1000 steps: MuLAN = experiments/runs/schedule-init/random-s{seed}
+(digits-mulan; seed 0 from --mulan-checkpoint), VDM = this script's vdm-uniform-s{seed}; then the mean ± standard error
+of the ratios over those seeds.
 
 (b) Test bpd at equal steps. digits-vdm (learned scalar schedule, no latent) and digits-mulan, uniform vs importance t,
 with the settings of the 1000-step sweeps of experiments/compare.py and experiments/schedule_init.py (batch 64,
@@ -100,9 +102,9 @@ def train_run(config, sampling, seed, a):
                 seconds_this_call=time.perf_counter() - t0)
 
 
-def variance(config, checkpoint, a):
-    "(a): fit a proposal at fixed weights, then Var[batch NELBO] under uniform and importance t; cached in --runs/variance-{config}.json."
-    cache = Path(a['runs']) / f'variance-{config}.json'
+def variance(config, checkpoint, a, seed=0):
+    "(a): fit a proposal at fixed weights of the checkpoint of training seed `seed`, then Var[batch NELBO] under uniform and importance t; cached in --runs/variance-{config}[-s{seed}].json."
+    cache = Path(a['runs']) / (f'variance-{config}.json' if seed == 0 else f'variance-{config}-s{seed}.json')
     keys = ('fit_batches', 'fixed_batches', 'draws', 'batch_size', 'bins', 'mix', 'bootstrap', 'seed')
     if cache.exists():
         got = json.loads(cache.read_text())
@@ -155,7 +157,7 @@ def variance(config, checkpoint, a):
                          for _ in range(a['bootstrap'])])
     L = statistics.fmean(b['ell_mean'] for b in per_batch)   # mean diffusion term per image (uniform draws of the fixed batches)
     predicted = (((M / p).mean() - L ** 2) / (M.mean() - L ** 2)).item()
-    res = dict(config=config, checkpoint=rel(checkpoint), checkpoint_step=state['step'], weights="the checkpoint's `model` weights (not the EMA), evaluation mode (no dropout)",
+    res = dict(config=config, training_seed=seed, checkpoint=rel(checkpoint), checkpoint_step=state['step'], weights="the checkpoint's `model` weights (not the EMA), evaluation mode (no dropout)",
                settings={k: a[k] for k in keys}, ratio=ratio, ratio_se=boot.std().item(), ratio_ci95=[boot.quantile(0.025).item(), boot.quantile(0.975).item()],
                per_batch=[dict(var_uniform=b['uniform'].var().item(), var_importance=b['importance'].var().item(), ratio=(b['importance'].var() / b['uniform'].var()).item(),
                                mean_uniform=b['uniform'].mean().item(), mean_importance=b['importance'].mean().item(),
@@ -177,6 +179,7 @@ def pm(m, se, digits=4):
 
 
 def summarise(records, variances, a):
+    "The summary: (a) per model and training seed, and over the seeds; (b) per model and sampling, over the seeds, and importance − uniform paired by seed."
     rows = []
     for config in a['configs']:
         for sampling in SAMPLINGS:
@@ -197,13 +200,20 @@ def summarise(records, variances, a):
             d, se = mean_se([by['importance'][s] - by['uniform'][s] for s in seeds])
             paired[config] = dict(seeds=seeds, importance_minus_uniform=d, se=se)
     settings = {k: a[k] for k in ('data', 'seeds', 'configs', 'steps', 'batch_size', 'eval_every', 'eval_n_t', 'final_n_t', 'n_samples', 'runs', 'reuse',
-                                  'fit_batches', 'fixed_batches', 'draws', 'bins', 'mix', 'bootstrap')}
+                                  'fit_batches', 'fixed_batches', 'draws', 'bins', 'mix', 'bootstrap', 'variance_seeds')}
     settings.update(proposal='TrainConfig defaults: time_bins 20, time_mix 0.1, time_warmup 100, EMA decay 0.99 per step',
                     estimator='test bpd: dense NELBO (continuous time, valid bound), final_n_t draws of (t, ε, c) per test image with uniform stratified t, '
                               'EMA weights; mean ± standard error over seeds; importance − uniform paired by seed',
                     variance='Var over draws of (t, ε, c) of the mean NELBO of a fixed batch of 64 training images, fixed weights; pooled over the fixed batches; '
                              'se: bootstrap over draws')
-    return dict(settings=settings, variance={c: v for c, v in variances.items() if v is not None}, rows=rows, importance_minus_uniform=paired,
+    by_seed = {c: {str(seed): v for seed, v in sorted(vs.items()) if v is not None} for c, vs in variances.items()}
+    over = {}
+    for c, vs in by_seed.items():
+        if vs:
+            m, se = mean_se([v['ratio'] for v in vs.values()])
+            over[c] = dict(seeds=[int(k) for k in vs], ratios=[v['ratio'] for v in vs.values()], ratio=m, se_over_seeds=se)
+    return dict(settings=settings, variance={c: vs['0'] for c, vs in by_seed.items() if '0' in vs}, variance_seeds=by_seed, variance_over_seeds=over,
+                rows=rows, importance_minus_uniform=paired,
                 train_hours=sum(r['train_seconds'] for r in records if not r['reused']) / 3600)
 
 
@@ -213,10 +223,13 @@ def markdown(summary):
              f"(a) Variance of the batch NELBO at fixed weights (batch of {s['batch_size']} training images; proposal fitted from {s['fit_batches']} batches; "
              f"{s['fixed_batches']} fixed batches × {s['draws']} draws of (t, ε, c) per method; ratio pooled over the batches, ± bootstrap se):", '',
              '| model | checkpoint | Var importance / Var uniform | 95% interval | per fixed batch | predicted, one image, i.i.d. t | time |', '|---|---|---|---|---|---|---|']
-    for c, v in summary['variance'].items():
+    for c, v in ((c, v) for c, vs in summary['variance_seeds'].items() for v in vs.values()):
         lines.append(f"| {CONFIGS[c]} | {v['checkpoint']} (step {v['checkpoint_step']}) | {v['ratio']:.3f} ± {v['ratio_se']:.3f} | "
                      f"{v['ratio_ci95'][0]:.3f}–{v['ratio_ci95'][1]:.3f} | {', '.join(format(b['ratio'], '.3f') for b in v['per_batch'])} | {v['predicted_iid_ratio']:.3f} | {v['seconds'] / 60:.1f} min |")
-    if not summary['variance']: lines.append('| (not measured yet) | | | | | | |')
+    if not summary['variance_seeds']: lines.append('| (not measured yet) | | | | | | |')
+    if summary['variance_over_seeds']:
+        lines += ['', 'Over the training seeds (mean ± standard error of the ratios): ' + '; '.join(
+            f"{CONFIGS[c]} {pm(o['ratio'], o['se_over_seeds'], 3)} (seeds {o['seeds']})" for c, o in summary['variance_over_seeds'].items())]
     lines += ['', f"(b) Test bpd after {s['steps']} steps, batch {s['batch_size']} (dense NELBO, {s['final_n_t']} draws per test image, uniform stratified t, EMA weights); "
               "mean ± standard error over the seeds done:", '', '| model | time sampling | seeds | test bpd | per seed | diffusion | latent | train time per run |', '|---|---|---|---|---|---|---|---|']
     for r in summary['rows']:
@@ -243,7 +256,8 @@ def main(argv=None):
     p.add_argument('--draws', type=int, default=250, help='(a): draws of (t, ε, c) per fixed batch and method')
     p.add_argument('--bins', type=int, default=20); p.add_argument('--mix', type=float, default=0.1)
     p.add_argument('--bootstrap', type=int, default=2000); p.add_argument('--seed', type=int, default=0, help='(a): seed of the draws')
-    p.add_argument('--mulan-checkpoint', default=str(ROOT / 'experiments/runs/schedule-init/random-s0/checkpoint.pt'), help='(a): the MuLAN checkpoint')
+    p.add_argument('--mulan-checkpoint', default=str(ROOT / 'experiments/runs/schedule-init/random-s0/checkpoint.pt'), help='(a): the MuLAN checkpoint of seed 0')
+    p.add_argument('--variance-seeds', type=int, nargs='*', default=[0, 1, 2], help='(a): the training seeds whose uniform-t checkpoints are measured (VDM: this script\'s vdm-uniform-s{seed}; MuLAN: seed 0 --mulan-checkpoint, the others the MuLAN uniform-t runs)')
     p.add_argument('--skip-variance', action='store_true', help='train only')
     p.add_argument('--jobs', type=int, default=1, help='only 1: runs go one after another (one thread)')
     add_folder_arguments(p, 'importance-time', reuse_help="finished digits-mulan runs random-s{seed} standing for MuLAN with uniform t ('' : none)")
@@ -256,17 +270,17 @@ def main(argv=None):
     variances = {}
     order = [(c, s, seed) for seed in a['seeds'] for c, s in (('vdm', 'uniform'), ('vdm', 'importance'), ('mulan', 'importance'), ('mulan', 'uniform')) if c in a['configs']]
     summary = Summary('importance_time.py', argv, a['results'], len(order), lambda rs: summarise(rs, variances, a), markdown)
-    def measure(config, checkpoint):
-        if a['skip_variance'] and not a['summary_only'] or config not in a['configs']: return
-        variances[config] = variance(config, checkpoint, a)
-        if variances[config]: print(f"{config}: Var importance / uniform = {variances[config]['ratio']:.3f} ± {variances[config]['ratio_se']:.3f}", flush=True)
+    def measure(config, seed, checkpoint):
+        if a['skip_variance'] and not a['summary_only'] or config not in a['configs'] or seed not in a['variance_seeds']: return
+        v = variances.setdefault(config, {})[seed] = variance(config, checkpoint, a, seed)
+        if v: print(f"{config} seed {seed}: Var importance / uniform = {v['ratio']:.3f} ± {v['ratio_se']:.3f}", flush=True)
         summary.write()
-    measure('mulan', a['mulan_checkpoint'])
+    measure('mulan', 0, a['mulan_checkpoint'])
     for config, sampling, seed in order:
         r = train_run(config, sampling, seed, a)
         if r is not None:
             summary.add(r, f"{config} {sampling:10s} seed {seed}: test bpd {r['test_bpd']:.4f} ± {r['test_se']:.4f} ({r['seconds_this_call']:.0f} s this call)")
-        if (config, sampling, seed) == ('vdm', 'uniform', 0): measure('vdm', run_folder('vdm', 'uniform', 0, a) / 'checkpoint.pt')
+        if sampling == 'uniform' and (config, seed) != ('mulan', 0): measure(config, seed, run_folder(config, 'uniform', seed, a) / 'checkpoint.pt')
     summary.finish(need_runs=False)
 
 
