@@ -16,8 +16,10 @@ uniform, pooled over the fixed batches (sum of variances over sum of variances),
 the draws (--bootstrap resamples, draws resampled within each batch and each method), next to the ratio that the
 fitted histogram predicts for one image with i.i.d. t: (mean_b M_b/p_b − L²) / (mean_b M_b − L²). Checkpoints: the
 uniform-t runs of the training seeds --variance-seeds after 1000 steps: MuLAN = experiments/runs/schedule-init/random-s{seed}
-(digits-mulan; seed 0 from --mulan-checkpoint), VDM = this script's vdm-uniform-s{seed}; then the mean ± standard error
-of the ratios over those seeds.
+(digits-mulan, reused as in (b), or this script's mulan-uniform-s{seed}), VDM = this script's vdm-uniform-s{seed}, each
+measured right after its run is done; then the mean ± standard error of the ratios over those seeds. All checkpoints are
+measured on the same fixed batches with the same draws (--seed), so the spread over seeds is that of the models alone;
+each ratio's bootstrap error over the draws is shared by all of them and does not shrink with more seeds.
 
 (b) Test bpd at equal steps. digits-vdm (learned scalar schedule, no latent) and digits-mulan, uniform vs importance t,
 with the settings of the 1000-step sweeps of experiments/compare.py and experiments/schedule_init.py (batch 64,
@@ -108,7 +110,7 @@ def variance(config, checkpoint, a, seed=0):
     keys = ('fit_batches', 'fixed_batches', 'draws', 'batch_size', 'bins', 'mix', 'bootstrap', 'seed')
     if cache.exists():
         got = json.loads(cache.read_text())
-        if got['checkpoint'] == rel(checkpoint) and all(got['settings'][k] == a[k] for k in keys): return got
+        if got['checkpoint'] == rel(checkpoint) and got['checkpoint_step'] == a['steps'] and all(got['settings'][k] == a[k] for k in keys): return got
     if a['summary_only'] or not Path(checkpoint).exists(): return None
     import torch
     from mulan_nb.model import MuLAN, MuLANConfig, load_checkpoint
@@ -117,6 +119,7 @@ def variance(config, checkpoint, a, seed=0):
     from mulan_nb.training import TimeProposal, importance_weighted
     t0 = time.perf_counter()
     state = load_checkpoint(checkpoint)
+    if state['step'] != a['steps']: raise ValueError(f"{rel(checkpoint)} is at step {state['step']}, not --steps {a['steps']}: (a) measures finished runs")
     model = MuLAN(MuLANConfig(**state['config'])); model.load_state_dict(state['model']); model.eval()
     x_all = load_data(state['train']['data'], 'train', state['train'].get('root'), state['train'].get('K')).images
     B, prop = a['batch_size'], TimeProposal(a['bins'], a['mix'], warmup=0)
@@ -206,7 +209,7 @@ def summarise(records, variances, a):
                               'EMA weights; mean ± standard error over seeds; importance − uniform paired by seed',
                     variance='Var over draws of (t, ε, c) of the mean NELBO of a fixed batch of 64 training images, fixed weights; pooled over the fixed batches; '
                              'se: bootstrap over draws')
-    by_seed = {c: {str(seed): v for seed, v in sorted(vs.items()) if v is not None} for c, vs in variances.items()}
+    by_seed = {c: {str(seed): {**v, 'training_seed': seed} for seed, v in sorted(vs.items()) if v is not None} for c, vs in variances.items()}
     over = {}
     for c, vs in by_seed.items():
         if vs:
@@ -226,7 +229,7 @@ def markdown(summary):
     for c, v in ((c, v) for c, vs in summary['variance_seeds'].items() for v in vs.values()):
         lines.append(f"| {CONFIGS[c]} | {v['checkpoint']} (step {v['checkpoint_step']}) | {v['ratio']:.3f} ± {v['ratio_se']:.3f} | "
                      f"{v['ratio_ci95'][0]:.3f}–{v['ratio_ci95'][1]:.3f} | {', '.join(format(b['ratio'], '.3f') for b in v['per_batch'])} | {v['predicted_iid_ratio']:.3f} | {v['seconds'] / 60:.1f} min |")
-    if not summary['variance_seeds']: lines.append('| (not measured yet) | | | | | | |')
+    if not any(summary['variance_seeds'].values()): lines.append('| (not measured yet) | | | | | | |')
     if summary['variance_over_seeds']:
         lines += ['', 'Over the training seeds (mean ± standard error of the ratios): ' + '; '.join(
             f"{CONFIGS[c]} {pm(o['ratio'], o['se_over_seeds'], 3)} (seeds {o['seeds']})" for c, o in summary['variance_over_seeds'].items())]
@@ -256,14 +259,14 @@ def main(argv=None):
     p.add_argument('--draws', type=int, default=250, help='(a): draws of (t, ε, c) per fixed batch and method')
     p.add_argument('--bins', type=int, default=20); p.add_argument('--mix', type=float, default=0.1)
     p.add_argument('--bootstrap', type=int, default=2000); p.add_argument('--seed', type=int, default=0, help='(a): seed of the draws')
-    p.add_argument('--mulan-checkpoint', default=str(ROOT / 'experiments/runs/schedule-init/random-s0/checkpoint.pt'), help='(a): the MuLAN checkpoint of seed 0')
-    p.add_argument('--variance-seeds', type=int, nargs='*', default=[0, 1, 2], help='(a): the training seeds whose uniform-t checkpoints are measured (VDM: this script\'s vdm-uniform-s{seed}; MuLAN: seed 0 --mulan-checkpoint, the others the MuLAN uniform-t runs)')
+    p.add_argument('--variance-seeds', type=int, nargs='*', default=[0, 1, 2], help='(a): the training seeds (of --seeds) whose uniform-t checkpoints are measured')
     p.add_argument('--skip-variance', action='store_true', help='train only')
     p.add_argument('--jobs', type=int, default=1, help='only 1: runs go one after another (one thread)')
     add_folder_arguments(p, 'importance-time', reuse_help="finished digits-mulan runs random-s{seed} standing for MuLAN with uniform t ('' : none)")
     p.add_argument('--summary-only', action='store_true', help='train and measure nothing; summarise what is finished')
     a = parse_run_arguments(p, argv, configs=list(CONFIGS))
     if a['jobs'] != 1: p.error('--jobs: only 1 (the runs share the machine with others)')
+    if set(a['variance_seeds']) - set(a['seeds']): p.error(f"--variance-seeds {sorted(set(a['variance_seeds']) - set(a['seeds']))} are not among --seeds {a['seeds']}: (a) measures the uniform-t runs of --seeds")
     import torch, mulan_nb
     torch.set_num_threads(1)
     print(f"mulan_nb from {mulan_nb.__file__}", flush=True)
@@ -275,12 +278,11 @@ def main(argv=None):
         v = variances.setdefault(config, {})[seed] = variance(config, checkpoint, a, seed)
         if v: print(f"{config} seed {seed}: Var importance / uniform = {v['ratio']:.3f} ± {v['ratio_se']:.3f}", flush=True)
         summary.write()
-    measure('mulan', 0, a['mulan_checkpoint'])
     for config, sampling, seed in order:
         r = train_run(config, sampling, seed, a)
         if r is not None:
             summary.add(r, f"{config} {sampling:10s} seed {seed}: test bpd {r['test_bpd']:.4f} ± {r['test_se']:.4f} ({r['seconds_this_call']:.0f} s this call)")
-        if sampling == 'uniform' and (config, seed) != ('mulan', 0): measure(config, seed, run_folder(config, 'uniform', seed, a) / 'checkpoint.pt')
+        if sampling == 'uniform': measure(config, seed, run_folder(config, 'uniform', seed, a) / 'checkpoint.pt')
     summary.finish(need_runs=False)
 
 

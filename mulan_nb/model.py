@@ -4,12 +4,12 @@
 
 # %% auto #0
 __all__ = ['SCHEDULES', 'PRESETS', 'CHECKPOINT_FORMAT', 'UNCHECKSUMMED_FORMATS', 'check_field_types', 'MuLANConfig', 'MuLAN',
-           'check_times_per_image', 'parameter_counts', 'demo', 'state_checksum', 'pid_alive',
+           'check_times_per_image', 'parameter_counts', 'demo', 'state_checksum', 'pid_alive', 'temporary_path',
            'remove_stale_temporaries', 'write_atomic', 'save_checkpoint', 'check_device', 'load_checkpoint',
            'model_from_checkpoint']
 
 # %% ../nbs/05_model.ipynb #fba82b49
-import dataclasses, hashlib, math, os, pickle, typing
+import dataclasses, hashlib, math, os, pickle, re, socket, typing
 from dataclasses import dataclass, asdict
 from pathlib import Path
 import torch
@@ -310,20 +310,29 @@ def pid_alive(pid:int, # a process id on this machine
     "Whether process `pid` is running on this machine (another user's counts as running; on Windows, where `os.kill` would end it, always True)."
     if os.name == 'nt': return True
     try: os.kill(pid, 0)
-    except ProcessLookupError: return False
+    except (ProcessLookupError, OverflowError): return False   # gone, or no process id at all
     except PermissionError: return True
     return True
+
+# %% ../nbs/05_model.ipynb #2c713be2
+def temporary_path(path:Path, # the file being written
+                   pid:int|None=None, # the writing process (default: this one)
+                  ) -> Path:
+    "The temporary that `write_atomic` writes `path` through: `<path>.tmp<PID>@<host>`, named by process and host so that writers on other machines sharing the folder are told apart."
+    return path.with_name(f'{path.name}.tmp{os.getpid() if pid is None else pid}@{socket.gethostname()}')
 
 # %% ../nbs/05_model.ipynb #40d53be6
 def remove_stale_temporaries(path:str|Path, # a file that `write_atomic` writes
                             ) -> list[Path]:
-    "Delete the temporaries `<path>.tmp<PID>` that a killed `write_atomic` (SIGKILL, power loss) left beside `path`: those whose process is gone. Returns the deleted files."
+    "Delete the temporaries that a killed `write_atomic` (SIGKILL, power loss) on this host left beside `path`: those whose process is gone (another host's are never touched; one that cannot be deleted stays). Returns the deleted files."
     path, gone = Path(path), []
     if not path.parent.is_dir(): return gone
+    prefix, suffix = f'{path.name}.tmp', f'@{socket.gethostname()}'
     for tmp in path.parent.iterdir():
-        pid = tmp.name[len(path.name) + 4:] if tmp.name.startswith(path.name + '.tmp') else ''
-        if pid.isdigit() and int(pid) != os.getpid() and not pid_alive(int(pid)):
-            tmp.unlink(missing_ok=True); gone.append(tmp)
+        pid = tmp.name[len(prefix):-len(suffix)] if tmp.name.startswith(prefix) and tmp.name.endswith(suffix) else ''
+        if re.fullmatch('[0-9]{1,12}', pid) and int(pid) != os.getpid() and not pid_alive(int(pid)):
+            try: tmp.unlink(); gone.append(tmp)
+            except OSError: continue   # another user's, a folder of that name, gone already
     return gone
 
 # %% ../nbs/05_model.ipynb #8a30fb5a
@@ -334,7 +343,7 @@ def write_atomic(path:str|Path, # where the data goes (its folder is created)
     "Write through a temporary file in the same folder, fsync and rename: `path` holds the old contents or the new ones, never part; an interrupted write leaves no temporary file, and one left by a killed process goes at the next write."
     path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(path)
-    tmp = path.with_name(path.name + f'.tmp{os.getpid()}')
+    tmp = temporary_path(path)
     try:
         with open(tmp, mode) as fh:
             write(fh); fh.flush(); os.fsync(fh.fileno())

@@ -51,25 +51,29 @@ def test_two_processes_match_one_with_importance_sampled_time(tmp_path):
 
 
 def test_the_script_measures_and_summarises_over_seeds_and_resumes_without_retraining(tmp_path):
-    "experiments/importance_time.py on tiny settings: (a) per training seed and over seeds, (b) paired by seed; a second call retrains nothing."
+    "experiments/importance_time.py on tiny settings: (a) per training seed and over seeds, (b) paired by seed; a second call recomputes nothing."
     runs, results = tmp_path / 'runs', tmp_path / 'results'
     args = ['--steps', '3', '--seeds', '0', '1', '--eval-every', '3', '--eval-n-t', '1', '--final-n-t', '1', '--fit-batches', '2', '--fixed-batches', '1',
-            '--draws', '4', '--bootstrap', '5', '--variance-seeds', '0', '1', '--runs', str(runs), '--results', str(results), '--reuse', '',
-            '--mulan-checkpoint', str(runs / 'mulan-uniform-s0' / 'checkpoint.pt')]
+            '--draws', '4', '--bootstrap', '5', '--variance-seeds', '0', '1', '--runs', str(runs), '--results', str(results), '--reuse', '']
     script = Path(__file__).resolve().parents[1] / 'experiments' / 'importance_time.py'
-    def call():
-        r = subprocess.run([sys.executable, script, *args], capture_output=True, text=True, env={**os.environ, 'OMP_NUM_THREADS': '1'}, timeout=600)
-        assert r.returncode == 0, r.stderr[-2000:]
-        return json.loads((results / 'importance-time.json').read_text())
-    first = call()   # MuLAN's seed-0 checkpoint does not exist yet when (a) comes first: measured at the next call
-    assert first['runs_done'] == 8 and sorted(first['variance_seeds']['vdm']) == ['0', '1'] and sorted(first['variance_seeds']['mulan']) == ['1']
-    s = call()
-    assert sorted(s['variance_seeds']['mulan']) == ['0', '1'] and [r['per_seed'] for r in s['rows']] == [r['per_seed'] for r in first['rows']]   # nothing retrained
+    def call(*extra):
+        r = subprocess.run([sys.executable, script, *args, *extra], capture_output=True, text=True, env={**os.environ, 'OMP_NUM_THREADS': '1'}, timeout=600)
+        return r, json.loads((results / 'importance-time.json').read_text()) if r.returncode == 0 else None
+    r, first = call()
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert first['runs_done'] == 8 and {c: sorted(v) for c, v in first['variance_seeds'].items()} == {'vdm': ['0', '1'], 'mulan': ['0', '1']}
+    made = {f: f.stat().st_mtime_ns for f in runs.rglob('*') if f.name in ('result.json', 'checkpoint.pt') or f.name.startswith('variance-')}
+    assert len(made) == 8 * 2 + 4
+    r, s = call()
+    assert r.returncode == 0 and {f: f.stat().st_mtime_ns for f in made} == made and s['variance_seeds'] == first['variance_seeds']   # nothing trained or measured again
+    assert set(s['variance_over_seeds']) == set(s['importance_minus_uniform']) == {'vdm', 'mulan'}
     for c, o in s['variance_over_seeds'].items():
         ratios = [s['variance_seeds'][c][k]['ratio'] for k in ('0', '1')]
         assert o['ratios'] == ratios and math.isclose(o['ratio'], statistics.fmean(ratios)) and math.isclose(o['se_over_seeds'], abs(ratios[0] - ratios[1]) / 2)
-        assert s['variance'][c] == s['variance_seeds'][c]['0'] and s['variance_seeds'][c]['1']['training_seed'] == 1
+        assert s['variance'][c] == s['variance_seeds'][c]['0'] and [s['variance_seeds'][c][k]['training_seed'] for k in ('0', '1')] == [0, 1]
     by = {(r['config'], r['sampling']): dict(zip(r['seeds'], r['per_seed'])) for r in s['rows']}
     for c, d in s['importance_minus_uniform'].items():
         assert d['seeds'] == [0, 1] and math.isclose(d['importance_minus_uniform'], statistics.fmean(by[c, 'importance'][k] - by[c, 'uniform'][k] for k in (0, 1)))
     assert 'Over the training seeds' in (results / 'importance-time.md').read_text()
+    r, _ = call('--variance-seeds', '2')
+    assert r.returncode == 2 and 'not among --seeds' in r.stderr, r.stderr
