@@ -35,7 +35,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / 'experiments'))
-from sweep import TERMS, experiment_parser, add_folder_arguments, parse_run_arguments, Summary
+import sweep
+from sweep import TERMS, experiment_parser, add_folder_arguments, parse_run_arguments, Summary, pm
 
 CONFIGS = {'vdm': 'digits-vdm', 'mulan': 'digits-mulan'}
 SAMPLINGS = ('uniform', 'importance')
@@ -172,13 +173,8 @@ def variance(config, checkpoint, a, seed=0):
 
 
 def mean_se(values):
-    "Mean and its standard error over seeds (sample std / √n; None for one value)."
-    n = len(values)
-    return statistics.fmean(values), (statistics.stdev(values) / math.sqrt(n) if n > 1 else None)
-
-
-def pm(m, se, digits=4):
-    return f"{m:.{digits}f}" + (f" ± {se:.{digits}f}" if se is not None else ' (one seed)')
+    "`sweep.mean_se` with None for one value, so that the JSON holds no bare NaN."
+    return sweep.mean_se(values, single=None)
 
 
 def summarise(records, variances, a):

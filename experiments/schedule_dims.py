@@ -16,13 +16,14 @@ the summary says so. Other runs go to --runs/p{p}-s{seed}; finished runs (result
 resume from checkpoint.pt. Runs go seed by seed (seed 0 for every p first), so a sweep cut short leaves complete
 seeds. The summary goes to --results/schedule-dims.{json,md,png}; it is rewritten after every finished run.
 """
-import json, math, statistics, sys, time
+import json, statistics, sys, time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / 'experiments'))
-from sweep import TERMS, experiment_parser, add_folder_arguments, parse_run_arguments, Summary
+import sweep
+from sweep import TERMS, experiment_parser, add_folder_arguments, parse_run_arguments, Summary, pm
 
 PRESET = 'digits-mulan'
 PATCHES = (8, 4, 2, 1)
@@ -88,14 +89,8 @@ def run_one(job):
 
 
 def mean_se(values):
-    "Mean and its standard error over seeds (sample std / √n; None for one value, so that the JSON holds no bare NaN)."
-    n = len(values)
-    return statistics.fmean(values), (statistics.stdev(values) / math.sqrt(n) if n > 1 else None)
-
-
-def pm(m, se, digits=4, scale=1, unit=''):
-    "'m ± se' (or 'm (one seed)'), scaled and with a unit."
-    return f"{scale * m:.{digits}f}{unit}" + (f" ± {scale * se:.{digits}f}{unit}" if se is not None else ' (one seed)')
+    "`sweep.mean_se` with None for one value, so that the JSON holds no bare NaN."
+    return sweep.mean_se(values, single=None)
 
 
 def summarise(records, a, data_shape=(1, 8, 8)):

@@ -10,10 +10,15 @@ ROOT = Path(__file__).resolve().parent.parent
 TERMS = ('diffusion_bpd', 'recon_bpd', 'prior_bpd', 'latent_bpd')
 
 
-def mean_se(values):
-    "Mean and its standard error over seeds (sample std / √n; NaN for one value)."
+def mean_se(values, single=float('nan')):
+    "Mean and its standard error over seeds (sample std / √n; `single` for one value: None keeps a bare NaN out of a JSON file)."
     n = len(values)
-    return statistics.fmean(values), (statistics.stdev(values) / math.sqrt(n) if n > 1 else float('nan'))
+    return statistics.fmean(values), (statistics.stdev(values) / math.sqrt(n) if n > 1 else single)
+
+
+def pm(m, se, digits=4, scale=1, unit=''):
+    "'m ± se' (or 'm (one seed)' when se is None), scaled and with a unit."
+    return f"{scale * m:.{digits}f}{unit}" + (f" ± {scale * se:.{digits}f}{unit}" if se is not None else ' (one seed)')
 
 
 def train_run(cfg, callbacks=(), summary_only=False):
