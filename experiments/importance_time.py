@@ -30,7 +30,7 @@ lacks at their defaults). Runs go to --runs/{config}-{sampling}-s{seed}, seed by
 finished runs are skipped, killed ones resume from checkpoint.pt, a finished variance measurement is read from
 --runs/variance-{config}.json. The summary goes to --results/importance-time.{json,md} after every finished piece.
 """
-import json, math, statistics, sys, time
+import functools, json, math, statistics, sys, time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -76,10 +76,6 @@ def reusable(config, sampling, seed, a):
     from mulan_nb.model import load_checkpoint
     diff = reuse_mismatch(load_checkpoint(folder / 'checkpoint.pt'), train_config(config, sampling, seed, a, folder))
     return (folder, None) if not diff else (None, f"{rel(folder)} differs: {'; '.join(diff)}")
-
-
-def run_folder(config, sampling, seed, a):
-    return reusable(config, sampling, seed, a)[0] or Path(a['runs']) / f'{config}-{sampling}-s{seed}'
 
 
 def train_run(config, sampling, seed, a):
@@ -172,9 +168,7 @@ def variance(config, checkpoint, a, seed=0):
     return res
 
 
-def mean_se(values):
-    "`sweep.mean_se` with None for one value, so that the JSON holds no bare NaN."
-    return sweep.mean_se(values, single=None)
+mean_se = functools.partial(sweep.mean_se, single=None)   # None for one value, so that the JSON holds no bare NaN
 
 
 def summarise(records, variances, a):
@@ -211,7 +205,7 @@ def summarise(records, variances, a):
         if vs:
             m, se = mean_se([v['ratio'] for v in vs.values()])
             over[c] = dict(seeds=[int(k) for k in vs], ratios=[v['ratio'] for v in vs.values()], ratio=m, se_over_seeds=se)
-    return dict(settings=settings, variance={c: vs['0'] for c, vs in by_seed.items() if '0' in vs}, variance_seeds=by_seed, variance_over_seeds=over,
+    return dict(settings=settings, variance_seeds=by_seed, variance_over_seeds=over,
                 rows=rows, importance_minus_uniform=paired,
                 train_hours=sum(r['train_seconds'] for r in records if not r['reused']) / 3600)
 
@@ -278,7 +272,7 @@ def main(argv=None):
         r = train_run(config, sampling, seed, a)
         if r is not None:
             summary.add(r, f"{config} {sampling:10s} seed {seed}: test bpd {r['test_bpd']:.4f} ± {r['test_se']:.4f} ({r['seconds_this_call']:.0f} s this call)")
-        if sampling == 'uniform': measure(config, seed, run_folder(config, 'uniform', seed, a) / 'checkpoint.pt')
+        if sampling == 'uniform' and r is not None: measure(config, seed, Path(ROOT, r['folder']) / 'checkpoint.pt')   # the folder train_run chose (reused or trained here)
     summary.finish(need_runs=False)
 
 

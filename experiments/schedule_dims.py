@@ -16,7 +16,7 @@ the summary says so. Other runs go to --runs/p{p}-s{seed}; finished runs (result
 resume from checkpoint.pt. Runs go seed by seed (seed 0 for every p first), so a sweep cut short leaves complete
 seeds. The summary goes to --results/schedule-dims.{json,md,png}; it is rewritten after every finished run.
 """
-import json, statistics, sys, time
+import functools, json, statistics, sys, time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
@@ -88,9 +88,7 @@ def run_one(job):
                 seconds_this_call=time.perf_counter() - t0)
 
 
-def mean_se(values):
-    "`sweep.mean_se` with None for one value, so that the JSON holds no bare NaN."
-    return sweep.mean_se(values, single=None)
+mean_se = functools.partial(sweep.mean_se, single=None)   # None for one value, so that the JSON holds no bare NaN
 
 
 def summarise(records, a, data_shape=(1, 8, 8)):

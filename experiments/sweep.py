@@ -3,7 +3,6 @@ folder that holds another run), read its record back, the mean with its standard
 parser of the 1000-step training settings and the folder flags, and the summary rewritten after every run."""
 import argparse, json, math, statistics, sys, time
 from pathlib import Path
-from mulan_nb.model import write_atomic
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -105,6 +104,7 @@ class Summary:
         "Summarise the records so far, with the wall time since the start, the runs done and planned and the command line; write and return it."
         summary = self.summarise(self.records)
         summary.update(wall_seconds_this_call=time.perf_counter() - self.t0, runs_done=len(self.records), runs_planned=self.runs_planned, command=self.command)
+        from mulan_nb.model import write_atomic   # here, not at the top: --help and the parsers need no torch
         text = json.dumps(summary, indent=1)
         write_atomic(self.out / f'{self.name}.json', lambda fh: fh.write(text))   # a kill mid-write leaves the last summary whole
         write_atomic(self.out / f'{self.name}.md', lambda fh: fh.write(self.markdown(summary)))
