@@ -14,12 +14,16 @@ cores), summed over the seeds. It prints one Markdown table: NFE per solve, time
 error of log p(z_0) against the reference (mean and max over all images of all seeds, nats per
 dimension) and each time divided by scipy RK45's; with --sweep, also the NFE and error of each option
 at several tolerances (the error-against-NFE curves). --out writes all of it, per-image errors and
-the machine's load included, to a JSON file that nbs/10_likelihood.ipynb reads.
+the machine's load included, to a JSON file that nbs/10_likelihood.ipynb reads. --jobs N measures N seeds at
+once, each in a process of its own (the same problems, NFE and errors as in one process; each time is its own
+process's).
 
     python benchmarks/ode_solvers.py --checkpoint runs/digits-mulan/checkpoint.pt --images 8 --threads 1 --repeats 3
     python benchmarks/ode_solvers.py --checkpoint CKPT --seeds 0 1 --threads 1 --repeats 2 --sweep 3e-5 1e-4 3e-4 --out benchmarks/results/ode_solvers-digits.json
+    python benchmarks/ode_solvers.py --checkpoint CKPT --images 4 --seeds 0 1 --jobs 2 --threads 1 --out cifar-shaped.json
 """
-import argparse, inspect, json, math, os, time
+import argparse, inspect, json, math, multiprocessing, os, time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 import numpy as np
 import torch
@@ -98,13 +102,14 @@ def solver(option, tol, eps_fn, gamma_fn, z0, probes):
     return solve
 
 
-def main(argv=None):
+def parse(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument('--checkpoint', default='runs/digits-mulan/checkpoint.pt', help='checkpoint.pt written by mulan_train')
     p.add_argument('--data', default=None, help="test images from this data set (default: the checkpoint's)")
     p.add_argument('--images', type=int, default=8, help='test images, solved in one batch per seed')
     p.add_argument('--seeds', type=int, nargs='+', default=[0], help='one problem (c, dequantization, probe) per seed, each on the same images')
-    p.add_argument('--threads', type=int, default=0, help='torch threads (0: leave as is)')
+    p.add_argument('--jobs', type=int, default=1, help='seeds measured at once, each in a process of its own with --threads threads')
+    p.add_argument('--threads', type=int, default=0, help='torch threads per process (0: leave as is)')
     p.add_argument('--rtol', type=float, default=1e-5, help='rtol = atol of the peers and of the non-default options in the table')
     p.add_argument('--reference-tol', type=float, default=1e-8, help='rtol = atol of the dopri5 reference')
     p.add_argument('--repeats', type=int, default=1, help='timed solves per row (the fastest is reported); the reference runs once')
@@ -115,52 +120,74 @@ def main(argv=None):
     p.add_argument('--raw', action='store_true', help='the raw weights instead of the EMA ones')
     p.add_argument('--out', default=None, help='JSON file for the results')
     a = p.parse_args(argv)
-    if a.threads: torch.set_num_threads(a.threads)
-    if a.images < 1 or a.repeats < 1: p.error('--images and --repeats must be >= 1')
-    load_before = os.getloadavg()
+    if a.images < 1 or a.repeats < 1 or a.jobs < 1: p.error('--images, --repeats and --jobs must be >= 1')
+    return a
 
-    model, state = model_from_checkpoint(a.checkpoint, ema=not a.raw)
-    run = state['train']
-    x = load_data(a.data or run['data'], 'test', run['root'], run['K']).images[:a.images]
-    N, D = len(x), model.D
-    default_tol = DEFAULTS['rtol']
-    rows = [(f'`pf_ode_logp` default ({DEFAULT_NAME}), rtol = atol = {default_tol:g}', {}, default_tol),
+
+def table_rows(a):
+    "The table's rows: (name, option, rtol = atol)."
+    return [(f'`pf_ode_logp` default ({DEFAULT_NAME}), rtol = atol = {DEFAULTS["rtol"]:g}', {}, DEFAULTS['rtol']),
             *[(f'`pf_ode_logp` {name}' + (' (the default before)' if name == 'dopri5, separate norm, t' else ''), kw, a.rtol)
               for name, kw in OPTIONS.items() if kw != 'scipy-vjp' and (a.options is None or name in a.options)],
             ('scipy `solve_ivp` RK45, flattened state, our field evaluation', 'scipy-ours', a.rtol),
             ('scipy `solve_ivp` RK45, flattened state (the official way)', 'scipy-vjp', a.rtol)]
-    results = {name: dict(option=kw, tol=tol, wall=[math.inf] * len(a.seeds), cpu=[math.inf] * len(a.seeds), nfe=[0] * len(a.seeds), err=[None] * len(a.seeds))
-               for name, kw, tol in rows}
-    sweep, refs, swept = [], [], a.sweep_options or list(OPTIONS)
+
+
+def load(a):
+    "The model (EMA weights unless --raw), the checkpoint's state and the first --images test images."
+    if a.threads: torch.set_num_threads(a.threads)
+    model, state = model_from_checkpoint(a.checkpoint, ema=not a.raw)
+    run = state['train']
+    return model, state, load_data(a.data or run['data'], 'test', run['root'], run['K']).images[:a.images]
+
+
+def measure_seed(a, seed):
+    "Every row's fastest wall and CPU time, NFE and per-image error, the reference and the sweep, for one seed's problem."
+    model, _, x = load(a)
+    rows, D = table_rows(a), model.D
+    out = {name: dict(wall=math.inf, cpu=math.inf) for name, _, _ in rows}
     with evaluating(model):
-        problems = [problem(model, x, seed) for seed in a.seeds]
-        for pr in problems:   # warm-up: a few field evaluations of each kind, untimed
-            solver({}, 1e-1, *pr)(); solver('scipy-vjp', 1e-1, *pr)(); solver('scipy-ours', 1e-1, *pr)()
+        pr = problem(model, x, seed)
+        solver({}, 1e-1, *pr)(); solver('scipy-vjp', 1e-1, *pr)(); solver('scipy-ours', 1e-1, *pr)()   # warm-up, untimed
+        logps = {}
         for _ in range(a.repeats):   # rows interleaved, so that a noisy machine slows all alike
-            for i, pr in enumerate(problems):
-                for name, kw, tol in rows:
-                    w0, c0 = time.perf_counter(), time.process_time()
-                    logp, nfe = solver(kw, tol, *pr)()
-                    r = results[name]
-                    r['wall'][i], r['cpu'][i] = min(r['wall'][i], time.perf_counter() - w0), min(r['cpu'][i], time.process_time() - c0)
-                    r['nfe'][i], r['logp_' + str(i)] = nfe, logp
-        for i, pr in enumerate(problems):
-            w0, c0 = time.perf_counter(), time.process_time()
-            ref_logp, ref_nfe = solver(OPTIONS['dopri5, separate norm, t'], a.reference_tol, *pr)()
-            refs.append(dict(seed=a.seeds[i], nfe=ref_nfe, wall=time.perf_counter() - w0, cpu=time.process_time() - c0, logp=ref_logp.tolist()))
-            for r in results.values(): r['err'][i] = ((r.pop('logp_' + str(i)) - ref_logp).abs() / D).tolist()
-            for name in swept:
-                for tol in a.sweep:
-                    kw = OPTIONS[name]
-                    c0 = time.process_time()
-                    logp, nfe = solver(kw, tol, *pr)()
-                    sweep.append(dict(option=name, tol=tol, seed=a.seeds[i], nfe=nfe, cpu=time.process_time() - c0, err=((logp - ref_logp).abs() / D).tolist()))
+            for name, kw, tol in rows:
+                w0, c0 = time.perf_counter(), time.process_time()
+                logps[name], nfe = solver(kw, tol, *pr)()
+                r = out[name]
+                r['wall'], r['cpu'], r['nfe'] = min(r['wall'], time.perf_counter() - w0), min(r['cpu'], time.process_time() - c0), nfe
+        w0, c0 = time.perf_counter(), time.process_time()
+        ref_logp, ref_nfe = solver(OPTIONS['dopri5, separate norm, t'], a.reference_tol, *pr)()
+        ref = dict(seed=seed, nfe=ref_nfe, wall=time.perf_counter() - w0, cpu=time.process_time() - c0, logp=ref_logp.tolist())
+        for name in out: out[name]['err'] = ((logps[name] - ref_logp).abs() / D).tolist()
+        sweep = []
+        for name in a.sweep_options or list(OPTIONS):
+            for tol in a.sweep:
+                c0 = time.process_time()
+                logp, nfe = solver(OPTIONS[name], tol, *pr)()
+                sweep.append(dict(option=name, tol=tol, seed=seed, nfe=nfe, cpu=time.process_time() - c0, err=((logp - ref_logp).abs() / D).tolist()))
+    return out, ref, sweep
+
+
+def main(argv=None):
+    a = parse(argv)
+    load_before = os.getloadavg()
+    model, state, x = load(a)
+    run, rows, N, D = state['train'], table_rows(a), len(x), model.D
+    del model
+    if a.jobs == 1: measured = [measure_seed(a, seed) for seed in a.seeds]
+    else:
+        with ProcessPoolExecutor(min(a.jobs, len(a.seeds)), mp_context=multiprocessing.get_context('spawn')) as pool:
+            measured = list(pool.map(measure_seed, [a] * len(a.seeds), a.seeds))
+    results = {name: {k: [m[0][name][k] for m in measured] for k in ('wall', 'cpu', 'nfe', 'err')} for name, _, _ in rows}
+    refs, sweep = [m[1] for m in measured], [s for m in measured for s in m[2]]
+    swept = a.sweep_options or list(OPTIONS)
 
     def stats(errs): e = torch.tensor([v for es in errs for v in es]); return e.mean().item(), e.max().item()
     peer = results[rows[-1][0]]
     lines = [f"Checkpoint `{a.checkpoint}` (step {state['step']}, {run['preset']}, {run['data']}), {N} test images in one batch, D = {D}, "
-             f"seeds {a.seeds} (one c, dequantization and probe each); truncated-normal dequantization, Hutchinson divergence with one Rademacher probe "
-             f"shared by all solvers; {torch.get_num_threads()} torch thread(s); load average {load_before[0]:.1f} before, {os.getloadavg()[0]:.1f} after "
+             f"seeds {a.seeds} (one c, dequantization and probe each; {min(a.jobs, len(a.seeds))} at once); truncated-normal dequantization, Hutchinson divergence with one Rademacher probe "
+             f"shared by all solvers; {torch.get_num_threads()} torch thread(s) per process; load average {load_before[0]:.1f} before, {os.getloadavg()[0]:.1f} after "
              f"on {os.cpu_count()} cores; reference: dopri5 at rtol = atol = {a.reference_tol:g} ({sum(r['nfe'] for r in refs) / len(refs):.0f} NFE); "
              f"times: the fastest of {a.repeats} interleaved repeat(s), summed over the seeds.", '',
              '| solver | rtol = atol | NFE | wall time | CPU time | CPU ms per NFE | error vs reference, mean / max (nats per dim) | wall / scipy | CPU / scipy |',
@@ -187,7 +214,7 @@ def main(argv=None):
         Path(a.out).write_text(json.dumps(dict(
             command='python benchmarks/ode_solvers.py ' + ' '.join(argv if argv is not None else __import__('sys').argv[1:]),
             checkpoint=str(a.checkpoint), step=state['step'], preset=run['preset'], data=a.data or run['data'], images=N, D=D, seeds=a.seeds,
-            threads=torch.get_num_threads(), cores=os.cpu_count(), load_before=load_before, load_after=os.getloadavg(), repeats=a.repeats,
+            threads=torch.get_num_threads(), jobs=min(a.jobs, len(a.seeds)), cores=os.cpu_count(), load_before=load_before, load_after=os.getloadavg(), repeats=a.repeats,
             reference=dict(method='dopri5', tol=a.reference_tol, runs=refs), defaults=DEFAULTS, table=table, sweep=sweep, markdown='\n'.join(lines)), indent=1))
 
 
