@@ -22,7 +22,7 @@ process's).
     python benchmarks/ode_solvers.py --checkpoint CKPT --seeds 0 1 --threads 1 --repeats 2 --sweep 3e-5 1e-4 3e-4 --out benchmarks/results/ode_solvers-digits.json
     python benchmarks/ode_solvers.py --checkpoint CKPT --images 4 --seeds 0 1 --jobs 2 --threads 1 --out cifar-shaped.json
 """
-import argparse, inspect, json, math, multiprocessing, os, time
+import argparse, inspect, json, math, multiprocessing, os, shlex, sys, time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 import numpy as np
@@ -114,8 +114,8 @@ def parse(argv=None):
     p.add_argument('--reference-tol', type=float, default=1e-8, help='rtol = atol of the dopri5 reference')
     p.add_argument('--repeats', type=int, default=1, help='timed solves per row (the fastest is reported); the reference runs once')
     p.add_argument('--sweep', type=float, nargs='*', default=[], help='tolerances at which every option is also solved once (NFE and error)')
-    p.add_argument('--options', nargs='+', default=None, choices=[n for n, kw in OPTIONS.items() if kw != 'scipy-vjp'], metavar='OPTION',
-                   help=f'the table rows besides the default and the two scipy peers (default: all of {[n for n, kw in OPTIONS.items() if kw != "scipy-vjp"]})')
+    p.add_argument('--options', nargs='*', default=None, choices=[n for n, kw in OPTIONS.items() if kw != 'scipy-vjp'], metavar='OPTION',
+                   help=f'the table rows besides the default and the two scipy peers (none when given without a name; default: all of {[n for n, kw in OPTIONS.items() if kw != "scipy-vjp"]})')
     p.add_argument('--sweep-options', nargs='+', default=None, choices=list(OPTIONS), metavar='OPTION', help='the options of the sweep (default: all)')
     p.add_argument('--raw', action='store_true', help='the raw weights instead of the EMA ones')
     p.add_argument('--out', default=None, help='JSON file for the results')
@@ -212,7 +212,7 @@ def main(argv=None):
     if a.out:
         Path(a.out).parent.mkdir(parents=True, exist_ok=True)
         Path(a.out).write_text(json.dumps(dict(
-            command='python benchmarks/ode_solvers.py ' + ' '.join(argv if argv is not None else __import__('sys').argv[1:]),
+            command='python benchmarks/ode_solvers.py ' + shlex.join(argv if argv is not None else sys.argv[1:]),
             checkpoint=str(a.checkpoint), step=state['step'], preset=run['preset'], data=a.data or run['data'], images=N, D=D, seeds=a.seeds,
             threads=torch.get_num_threads(), jobs=min(a.jobs, len(a.seeds)), cores=os.cpu_count(), load_before=load_before, load_after=os.getloadavg(), repeats=a.repeats,
             reference=dict(method='dopri5', tol=a.reference_tol, runs=refs), defaults=DEFAULTS, table=table, sweep=sweep, markdown='\n'.join(lines)), indent=1))

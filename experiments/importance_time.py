@@ -36,7 +36,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / 'experiments'))
 import sweep
-from sweep import TERMS, experiment_parser, add_folder_arguments, parse_run_arguments, Summary, pm
+from sweep import TERMS, experiment_parser, add_folder_arguments, parse_run_arguments, Summary, pm, reused_run
 
 CONFIGS = {'vdm': 'digits-vdm', 'mulan': 'digits-mulan'}
 SAMPLINGS = ('uniform', 'importance')
@@ -54,28 +54,11 @@ def train_config(config, sampling, seed, a, out):
                        n_samples=a['n_samples'], time_sampling=sampling)
 
 
-def reuse_mismatch(state:dict, cfg) -> list[str]:
-    "Why the finished run of checkpoint `state` is not the run `cfg` would train ([] when it is): training fields (but `out`, `model`; missing ones at their defaults), the model config, the step."
-    from dataclasses import asdict, fields, MISSING
-    from mulan_nb.model import MuLANConfig
-    from mulan_nb.training import TrainConfig
-    defaults = {f.name: f.default for f in fields(TrainConfig) if f.default is not MISSING}
-    new, old = asdict(cfg), {**defaults, **state.get('train', {})}
-    diff = [f"{k} {old.get(k)!r} vs {v!r}" for k, v in new.items() if k not in ('out', 'model') and old.get(k) != v]
-    old_model, new_model = asdict(MuLANConfig(**state['config'])), asdict(cfg.model_config())
-    diff += [f"model.{k} {old_model.get(k)!r} vs {v!r}" for k, v in new_model.items() if old_model.get(k) != v]
-    if state.get('step') != cfg.steps: diff.append(f"step {state.get('step')!r} vs {cfg.steps!r}")
-    return diff
-
-
 def reusable(config, sampling, seed, a):
     "(folder, note): a finished --reuse run standing for this one, or (None, why not)."
     if (config, sampling) != ('mulan', 'uniform') or not a['reuse']: return None, None
     folder = Path(a['reuse']) / f'random-s{seed}'
-    if not (folder / 'result.json').exists(): return None, f"{rel(folder)} holds no finished run"
-    from mulan_nb.model import load_checkpoint
-    diff = reuse_mismatch(load_checkpoint(folder / 'checkpoint.pt'), train_config(config, sampling, seed, a, folder))
-    return (folder, None) if not diff else (None, f"{rel(folder)} differs: {'; '.join(diff)}")
+    return reused_run(folder, train_config(config, sampling, seed, a, folder), rel)
 
 
 def train_run(config, sampling, seed, a):

@@ -23,7 +23,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / 'experiments'))
 import sweep
-from sweep import TERMS, experiment_parser, add_folder_arguments, parse_run_arguments, Summary, pm
+from sweep import TERMS, experiment_parser, add_folder_arguments, parse_run_arguments, Summary, pm, reused_run
 
 PRESET = 'digits-mulan'
 PATCHES = (8, 4, 2, 1)
@@ -37,27 +37,11 @@ def train_config(patch, seed, a, out):
                        final_n_t=a['final_n_t'], ckpt_every=a['eval_every'], n_samples=a['n_samples'])
 
 
-def reuse_mismatch(state:dict, cfg) -> list[str]:
-    "Why a finished run's checkpoint `state` is not the run `cfg` would train ([] when it is): training fields (but `out` and `model`), the resolved model config, the step; fields newer than the checkpoint count at their defaults."
-    from dataclasses import asdict
-    from mulan_nb.model import MuLANConfig
-    from mulan_nb.training import TrainConfig
-    new, old = asdict(cfg), {**asdict(TrainConfig()), **state.get('train', {})}   # fields added since it was written: their defaults, as for the model
-    diff = [f"{k} {old.get(k)!r} vs {v!r}" for k, v in new.items() if k not in ('out', 'model') and old.get(k) != v]
-    old_model, new_model = asdict(MuLANConfig(**state['config'])), asdict(cfg.model_config())   # old configs get the defaults of newer fields
-    diff += [f"model.{k} {old_model.get(k)!r} vs {v!r}" for k, v in new_model.items() if old_model.get(k) != v]
-    if state.get('step') != cfg.steps: diff.append(f"step {state.get('step')!r} vs {cfg.steps!r}")
-    return diff
-
-
 def reusable(patch, seed, a):
     "(folder, note): the finished --reuse run standing for (p, seed), or (None, why not)."
     if patch != 1 or not a['reuse']: return None, None
     folder = Path(a['reuse']) / f'random-s{seed}'
-    if not (folder / 'result.json').exists(): return None, f"{folder} holds no finished run"
-    from mulan_nb.model import load_checkpoint
-    diff = reuse_mismatch(load_checkpoint(folder / 'checkpoint.pt'), train_config(patch, seed, a, folder))
-    return (folder, None) if not diff else (None, f"{folder} differs: {'; '.join(diff)}")
+    return reused_run(folder, train_config(patch, seed, a, folder))
 
 
 def run_one(job):

@@ -40,6 +40,28 @@ def train_run(cfg, callbacks=(), summary_only=False):
     return result
 
 
+def reuse_mismatch(state:dict, cfg) -> list[str]:
+    "Why the finished run of checkpoint `state` is not the run `cfg` would train ([] when it is): training fields (but `out`, `model`; missing ones at their defaults), the model config, the step."
+    from dataclasses import asdict, fields, MISSING
+    from mulan_nb.model import MuLANConfig
+    from mulan_nb.training import TrainConfig
+    defaults = {f.name: f.default for f in fields(TrainConfig) if f.default is not MISSING}
+    new, old = asdict(cfg), {**defaults, **state.get('train', {})}
+    diff = [f"{k} {old.get(k)!r} vs {v!r}" for k, v in new.items() if k not in ('out', 'model') and old.get(k) != v]
+    old_model, new_model = asdict(MuLANConfig(**state['config'])), asdict(cfg.model_config())   # old configs get the defaults of newer fields
+    diff += [f"model.{k} {old_model.get(k)!r} vs {v!r}" for k, v in new_model.items() if old_model.get(k) != v]
+    if state.get('step') != cfg.steps: diff.append(f"step {state.get('step')!r} vs {cfg.steps!r}")
+    return diff
+
+
+def reused_run(folder:Path, cfg, name=str) -> tuple:
+    "(folder, None) when `folder` holds the finished run that `cfg` would train, else (None, why not), naming the folder by `name(folder)`."
+    if not (folder / 'result.json').exists(): return None, f"{name(folder)} holds no finished run"
+    from mulan_nb.model import load_checkpoint
+    diff = reuse_mismatch(load_checkpoint(folder / 'checkpoint.pt'), cfg)
+    return (folder, None) if not diff else (None, f"{name(folder)} differs: {'; '.join(diff)}")
+
+
 def run_record(out) -> dict:
     "The final dense ELBO, its terms, the evaluation curve and the training time of the finished run in `out`."
     out = Path(out)

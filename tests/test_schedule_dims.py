@@ -67,13 +67,13 @@ def test_reuse_only_with_the_same_settings_and_model():
     cfg = sd.train_config(1, 0, settings(), 'x')
     state = dict(train=asdict(replace(cfg, out='elsewhere', model=dict(schedule_init='random'))), step=1000,
                  config={k: v for k, v in asdict(cfg.model_config()).items() if k != 'schedule_patch'})   # written before the field existed
-    assert sd.reuse_mismatch(state, cfg) == []
+    assert sd.sweep.reuse_mismatch(state, cfg) == []
     older = {**state, 'train': {k: v for k, v in state['train'].items() if k != 'lr'}}   # a field added since: its default
-    assert sd.reuse_mismatch(older, cfg) == [] and sd.reuse_mismatch(older, replace(cfg, lr=1e-3)) == ['lr 0.0002 vs 0.001']
-    assert sd.reuse_mismatch({**state, 'step': 900}, cfg) == ['step 900 vs 1000']
-    assert sd.reuse_mismatch(state, sd.train_config(1, 0, settings(batch_size=32), 'x')) == ['batch_size 64 vs 32']
-    assert sd.reuse_mismatch({**state, 'config': {**state['config'], 'channels': 16}}, cfg) == ['model.channels 16 vs 48']
-    assert sd.reuse_mismatch(state, sd.train_config(2, 0, settings(), 'x')) == ['model.schedule_patch 1 vs 2']
+    assert sd.sweep.reuse_mismatch(older, cfg) == [] and sd.sweep.reuse_mismatch(older, replace(cfg, lr=1e-3)) == ['lr 0.0002 vs 0.001']
+    assert sd.sweep.reuse_mismatch({**state, 'step': 900}, cfg) == ['step 900 vs 1000']
+    assert sd.sweep.reuse_mismatch(state, sd.train_config(1, 0, settings(batch_size=32), 'x')) == ['batch_size 64 vs 32']
+    assert sd.sweep.reuse_mismatch({**state, 'config': {**state['config'], 'channels': 16}}, cfg) == ['model.channels 16 vs 48']
+    assert sd.sweep.reuse_mismatch(state, sd.train_config(2, 0, settings(), 'x')) == ['model.schedule_patch 1 vs 2']
 
 
 def test_summary_is_the_runs_own_numbers(tmp_path):
