@@ -1,4 +1,4 @@
-"""tools/photo_patches.py (the CIFAR-shaped stand-in of issue 18's benchmark) and benchmarks/ode_solvers.py's --jobs."""
+"""tools/photo_patches.py (the CIFAR-shaped stand-in of issue 18's benchmark), benchmarks/ode_solvers.py's --jobs and benchmarks/field_cost.py."""
 import json, subprocess, sys
 from pathlib import Path
 import numpy as np
@@ -57,3 +57,21 @@ def test_ode_solvers_in_two_processes_measures_what_one_does(tiny_checkpoint, tm
     assert [(s['seed'], s['nfe'], s['err']) for s in one['sweep']] == [(s['seed'], s['nfe'], s['err']) for s in two['sweep']]
     seeds = [r['seed'] for r in two['reference']['runs']]
     assert seeds == [0, 1] and two['reference']['runs'][0]['logp'] != two['reference']['runs'][1]['logp']   # two problems, in order
+
+
+def test_field_cost_prints_both_evaluations_and_the_ratio_of_their_medians():
+    args = ['--preset', 'digits-mulan', '--set', 'channels=8', 'n_blocks=1', '--images', '2', '--repeats', '3']
+    r = subprocess.run([sys.executable, str(REPO / 'benchmarks' / 'field_cost.py'), *args], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = [l.strip('|').split('|') for l in r.stdout.splitlines() if l.startswith('| ') and 'ms' not in l]
+    assert [name.strip() for name, *_ in rows] == ['ours (velocity_and_divergence)', 'official way (vjp of the velocity)'], r.stdout
+    (ours, ours_min), (official, official_min) = ([float(v) for v in rest] for _, *rest in rows)
+    assert 0 < ours_min <= ours and 0 < official_min <= official
+    ratio = float(r.stdout.split('ours / official way (medians):')[1])
+    h = 0.05   # the medians are printed to 0.1 ms
+    assert (ours - h) / (official + h) - 5e-4 <= ratio <= (ours + h) / (official - h) + 5e-4, (ours, official, ratio)
+
+
+def test_field_cost_names_bad_input():
+    r = subprocess.run([sys.executable, str(REPO / 'benchmarks' / 'field_cost.py'), '--set', 'channels=wide'], capture_output=True, text=True)
+    assert r.returncode == 2 and 'KEY=INTEGER' in r.stderr
