@@ -141,9 +141,9 @@ def load(a):
     return model, state, load_data(a.data or run['data'], 'test', run['root'], run['K']).images[:a.images]
 
 
-def measure_seed(a, seed):
-    "Every row's fastest wall and CPU time, NFE and per-image error, the reference and the sweep, for one seed's problem."
-    model, _, x = load(a)
+def measure_seed(a, seed, loaded=None):
+    "Every row's fastest wall and CPU time, NFE and per-image error, the reference and the sweep, for one seed's problem (`loaded`: `load(a)`'s result, when at hand)."
+    model, _, x = loaded or load(a)
     rows, D = table_rows(a), model.D
     out = {name: dict(wall=math.inf, cpu=math.inf) for name, _, _ in rows}
     with evaluating(model):
@@ -174,9 +174,9 @@ def main(argv=None):
     load_before = os.getloadavg()
     model, state, x = load(a)
     run, rows, N, D = state['train'], table_rows(a), len(x), model.D
-    del model
-    if a.jobs == 1: measured = [measure_seed(a, seed) for seed in a.seeds]
+    if a.jobs == 1: measured = [measure_seed(a, seed, (model, state, x)) for seed in a.seeds]
     else:
+        del model   # each process loads its own
         with ProcessPoolExecutor(min(a.jobs, len(a.seeds)), mp_context=multiprocessing.get_context('spawn')) as pool:
             measured = list(pool.map(measure_seed, [a] * len(a.seeds), a.seeds))
     results = {name: {k: [m[0][name][k] for m in measured] for k in ('wall', 'cpu', 'nfe', 'err')} for name, _, _ in rows}
